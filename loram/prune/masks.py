@@ -1,0 +1,112 @@
+"""Compact storage of sparsity masks: 8 weights per byte in a safetensors file."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+MASKS_FORMAT = "loram-masks/1"
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _packed_len(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor (any shape) into a flat uint8 tensor, 8 entries per byte (LSB first)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_mask expects a bool tensor, got {mask.dtype}")
+    flat = mask.detach().reshape(-1).to("cpu")
+    pad = _packed_len(flat.numel()) * 8 - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(-1, 8).to(torch.uint8) * _BITS
+    return bits.sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: a bool tensor of ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    numel = 1
+    for s in shape:
+        numel *= s
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(
+            f"packed mask must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    if packed.numel() != _packed_len(numel):
+        raise ValueError(
+            f"packed mask has {packed.numel()} bytes but shape {shape} needs {_packed_len(numel)}"
+        )
+    bits = (packed.to("cpu").unsqueeze(1) & _BITS) != 0
+    return bits.reshape(-1)[:numel].reshape(shape)
+
+
+def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor]) -> None:
+    """Write ``{module path: bool mask}`` to a safetensors file (packed bytes, shapes in metadata)."""
+    from safetensors.torch import save_file
+
+    tensors = {name: pack_mask(m) for name, m in masks.items()}
+    shapes = {name: list(m.shape) for name, m in masks.items()}
+    metadata = {"format": MASKS_FORMAT, "shapes": json.dumps(shapes)}
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def load_masks(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Read masks written by :func:`save_masks`; with ``model``, check each against its weight."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mask file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"mask file {path} is not a valid safetensors file: {exc}") from exc
+    if metadata.get("format") != MASKS_FORMAT:
+        raise ValueError(
+            f"mask file {path}: format {metadata.get('format')!r}, expected {MASKS_FORMAT!r}"
+        )
+    try:
+        shapes = json.loads(metadata["shapes"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"mask file {path}: missing or unreadable 'shapes' metadata") from exc
+    if not isinstance(shapes, dict) or set(shapes) != set(tensors):
+        raise ValueError(f"mask file {path}: 'shapes' metadata does not list the stored masks")
+    out = {}
+    for name, packed in tensors.items():
+        shape = shapes[name]
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise ValueError(f"mask file {path}: bad shape {shape!r} for {name}")
+        try:
+            mask = unpack_mask(packed, shape)
+        except ValueError as exc:
+            raise ValueError(f"mask file {path}: {name}: {exc}") from exc
+        numel = mask.numel()
+        if _packed_len(numel) * 8 > numel and not torch.equal(pack_mask(mask), packed):
+            raise ValueError(f"mask file {path}: {name}: padding bits are set (corrupt file)")
+        out[name] = mask
+    if model is not None:
+        check_masks(model, out)
+    return out
+
+
+def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless every mask names a module whose weight has the mask's shape."""
+    for name, mask in masks.items():
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError as exc:
+            raise ValueError(f"mask {name} names no module with a weight in the model") from exc
+        if tuple(weight.shape) != tuple(mask.shape):
+            raise ValueError(
+                f"mask {name} has shape {tuple(mask.shape)} but the model's weight has shape "
+                f"{tuple(weight.shape)}"
+            )

@@ -138,6 +138,7 @@ def atomic_dir(out_dir: str | Path):
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         yield tmp
     except BaseException:

@@ -1,0 +1,6 @@
+"""DVC stage 'base': a thin entry point; all logic lives in loram.commands.cmd_base."""
+
+from loram.commands import main_stage
+
+if __name__ == "__main__":
+    main_stage("base")

@@ -1,0 +1,6 @@
+"""DVC stage 'prune': a thin entry point; all logic lives in loram.commands.cmd_prune."""
+
+from loram.commands import main_stage
+
+if __name__ == "__main__":
+    main_stage("prune")

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from loram.models import atomic_dir, count_params, load_model, resolve_source, save_model_dir
+from loram.testing import tiny_llama, tiny_qwen2
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
+def test_local_dir_round_trip(tmp_path, build):
+    model = build()
+    save_model_dir(model, None, tmp_path / "m")
+    loaded, tok = load_model(str(tmp_path / "m"), with_tokenizer=False)
+    assert tok is None
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, loaded(x).logits, atol=1e-6)
+    assert count_params(loaded) == count_params(model)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_resolve_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file"):
+        resolve_source(str(tmp_path / "x.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_source(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="neither an embedded name"):
+        resolve_source(str(tmp_path / "missing" / "dir"))
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M").kind == "hub"
+    assert resolve_source("smollm2-135m").kind == "embedded"
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.txt").write_text("partial")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "keep.txt").read_text() == "old"
+    with atomic_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+@pytest.mark.slow
+def test_embedded_gguf_model_loads_and_generates(tmp_path):
+    model, tok = load_model("smollm2-135m")
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    save_model_dir(model, tok, tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert getattr(again.config, "quantization_config", None) is None
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = again.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "5" in tok.decode(out[0][ids.input_ids.shape[1] :])

@@ -146,14 +146,12 @@ def cmd_prune(a) -> int:
         )
         sparsity = sparsity_report(model, masks)
         manifest = sparse_manifest(
-            method=p.method, criterion=p.criterion, ratio=p.ratio, n=p.n, m=p.m, layers=layers, sparsity=sparsity
+            model, layers, pattern=pattern, criterion=p.criterion, ratio=p.ratio, n=p.n, m=p.m, sparsity=sparsity
         )
         save_pruned(model, manifest, a.out, tokenizer=tok)
         save_masks(Path(a.out) / manifest["masks_file"], masks)
     pruned = count_params(model)
-    nonzero = None
-    if sparsity is not None:
-        nonzero = pruned - int(sparsity.get("zeros", 0)) if "zeros" in sparsity else None
+    nonzero = pruned - int(sparsity["pruned"]["zeros"]) if sparsity is not None else None
     _write_metrics(
         Path(a.metrics),
         {
@@ -271,9 +269,10 @@ def cmd_merge(a) -> int:
         after = sparsity_report(merged, masks)
         info["sparsity_before_merge"] = manifest.get("sparsity")
         info["sparsity_after_merge"] = after
-        overall = after.get("overall", after)
-        val = overall if isinstance(overall, float) else overall.get("sparsity") if isinstance(overall, dict) else None
-        info["densified"] = bool(val is not None and val < 0.01)
+        val = after["pruned"]["sparsity"]
+        info["sparsity_pruned_before"] = manifest["sparsity"]["pruned"]["sparsity"]
+        info["sparsity_pruned_after"] = val
+        info["densified"] = bool(val < 0.5 * info["sparsity_pruned_before"])
         if info["densified"]:
             log.warning(
                 "the merged model is dense again (sparsity %.4f): B·A fills pruned weights; set "

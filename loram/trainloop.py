@@ -121,13 +121,13 @@ def train_loop(
         log.info("%s: already finished (%d steps) according to %s", desc, step, ckpt_dir)
         return history
 
-    torch.manual_seed(cfg.seed + step)
     model.train()
     tokens_per_step = None
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
     t0 = time.time()
     while step < cfg.max_steps:
         loss_sum, tok_sum = 0.0, 0
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout stream is a function of the step
         micro = batch_indices(len(train_examples), step, cfg.micro_batch, cfg.grad_accum, cfg.seed)
         n_tokens = sum(
             sum(1 for v in train_examples[i]["labels"][1:] if v != -100) for idx in micro for i in idx

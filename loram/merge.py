@@ -1,0 +1,149 @@
+"""Merge a (recovered) LoRA adapter into the original, unpruned model.
+
+Without masks this is peft's ``merge_and_unload``: W ← W + scale·B·A. With ``masks``
+(module path -> bool tensor of W's shape, True = kept weight) the update of those modules is
+masked before it is added, W ← W + mask ⊙ (scale·B·A), so weights a sparse method zeroed stay
+exactly as they are in the base.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from loram.prune.artifact import MANIFEST_NAME, atomic_dir, read_manifest
+from loram.prune.structured import STRUCTURED_METHODS
+from loram.recover import ADAPTER_WEIGHTS
+
+__all__ = ["merge_adapter", "merge_to_dir"]
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_adapter_fits(peft_model, adapter_dir: Path) -> None:
+    """Every tensor in the adapter file must exist in the wrapped model with the same shape."""
+    from peft import get_peft_model_state_dict
+
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as fh:
+        file_shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    model_shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    # peft lists lm_head/embedding base weights too; a recovered adapter omits them on purpose.
+    missing = sorted(k for k in set(model_shapes) - set(file_shapes) if ".base_layer." not in k)
+    extra = sorted(set(file_shapes) - set(model_shapes))
+    if missing or extra:
+        raise ValueError(
+            f"adapter {adapter_dir} does not fit the model: missing in the file {missing[:5]}, "
+            f"not in the model {extra[:5]}"
+        )
+    for k, s in file_shapes.items():
+        if model_shapes[k] != s:
+            raise ValueError(
+                f"adapter {adapter_dir}: {k} has shape {s} in the file but {model_shapes[k]} in the model"
+            )
+
+
+def merge_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Merge the peft adapter in ``adapter_dir`` into ``model``; return a plain transformers model.
+
+    ``model`` is modified in place. ``masks``: module path (``model.layers.4.mlp.up_proj``) ->
+    bool tensor shaped like that module's weight; masked-out weights are left untouched.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}")
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    _check_adapter_fits(peft_model, adapter_dir)
+    if not masks:
+        return peft_model.merge_and_unload()
+
+    inner = peft_model.base_model.model
+    modules = dict(inner.named_modules())
+    unknown = sorted(set(masks) - set(modules))
+    if unknown:
+        raise KeyError(f"masks name modules that are not in the model: {unknown[:5]}")
+    for name, mod in modules.items():
+        if not isinstance(mod, LoraLayer):
+            continue
+        if name not in masks:
+            mod.merge()
+            continue
+        base = mod.get_base_layer()
+        mask = masks[name]
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(base.weight.shape):
+            raise ValueError(
+                f"mask for {name} must be a bool tensor of shape {tuple(base.weight.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        for adapter in mod.active_adapters:
+            if adapter not in mod.lora_A:
+                continue
+            if adapter in getattr(mod, "lora_variant", {}) or mod.lora_bias.get(adapter, False):
+                raise ValueError(
+                    f"{name}: masked merge supports plain LoRA only (no DoRA / lora_bias)"
+                )
+            delta = mod.get_delta_weight(adapter).float()
+            w = base.weight
+            update = delta * mask.to(device=w.device, dtype=torch.float32)
+            w.data = (w.data.float() + update).to(w.dtype)
+    return peft_model.unload()
+
+
+def merge_to_dir(
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Load the base (fp32), merge the adapter, cast to ``dtype`` and save a plain model dir.
+
+    The result (safetensors + config, + tokenizer files if ``base_dir`` has them) loads with
+    ``AutoModelForCausalLM.from_pretrained`` without peft. Written atomically.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype = {dtype!r}; expected one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    base_dir = Path(base_dir)
+    if (base_dir / MANIFEST_NAME).is_file():
+        method = read_manifest(base_dir).get("method")
+        if method in STRUCTURED_METHODS:
+            raise ValueError(
+                f"{base_dir} is a {method}-pruned model: merge the recovered adapter into the "
+                "original, unpruned model"
+            )
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = merge_adapter(model, adapter_dir, masks).to(dtype)
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        for name in _TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+    return Path(out_dir)

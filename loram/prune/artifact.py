@@ -1,0 +1,207 @@
+"""The pruned-model directory: safetensors with the smaller shapes + original config + manifest.
+
+Layout::
+
+    out_dir/
+      config.json              the ORIGINAL model config (shapes come from the manifest)
+      model.safetensors        weights with the pruned shapes (tied weights stored once)
+      generation_config.json   as transformers writes it
+      loram_manifest.json      what was kept (see loram.prune.structured)
+      tokenizer files          if a tokenizer was given
+
+``load_pruned`` rebuilds the model from this directory alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from loram.prune.structured import ManifestError, apply_structure, check_manifest, module_indices
+
+MANIFEST_NAME = "loram_manifest.json"
+
+__all__ = [
+    "MANIFEST_NAME",
+    "atomic_dir",
+    "load_pruned",
+    "load_safetensors_dir",
+    "read_manifest",
+    "save_pruned",
+]
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp dir beside ``out_dir``; on success it replaces ``out_dir`` by rename.
+
+    On an exception the temp dir is removed and ``out_dir`` is left as it was.
+    """
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(path: str | os.PathLike, config: Any = None) -> dict:
+    """Read and validate ``loram_manifest.json`` from a pruned-model dir (or the file itself).
+
+    With ``config`` the manifest is also checked against that model (both values named).
+    """
+    return check_manifest(_read_json(path), config)
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} at {p}: not a LoRAM pruned-model directory "
+            "(expected the output of save_pruned)"
+        )
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{p} is not valid JSON: {e}") from e
+
+
+def _check_pruned_shapes(model: nn.Module, manifest: Mapping) -> None:
+    """Every pruned module must already have the manifest's shape."""
+    for path, (axis, idx) in module_indices(manifest, model.config).items():
+        w = model.get_submodule(path).weight
+        dim = 0 if axis == "out" else 1
+        if w.shape[dim] != len(idx):
+            raise ValueError(
+                f"{path} has shape {tuple(w.shape)} but the manifest keeps {len(idx)} "
+                f"{'rows' if dim == 0 else 'columns'}: the model is not pruned as the manifest says"
+            )
+
+
+def save_pruned(
+    model: nn.Module,
+    manifest: Mapping,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+) -> Path:
+    """Write a pruned model (smaller shapes), its original config and manifest, atomically."""
+    check_manifest(manifest, model.config)
+    _check_pruned_shapes(model, manifest)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return Path(out_dir)
+
+
+def load_safetensors_dir(path: str | os.PathLike, prefix: str = "model") -> dict[str, torch.Tensor]:
+    """All tensors of ``{prefix}.safetensors`` or of its shards listed in the ``.index.json``."""
+    d = Path(path)
+    single, index = d / f"{prefix}.safetensors", d / f"{prefix}.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = [d / f for f in sorted(set(weight_map.values()))]
+    else:
+        raise FileNotFoundError(f"no {single.name} (or sharded index) in {d}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+def _load_strict(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], dtype: torch.dtype, where: str
+) -> None:
+    """Assign ``sd`` into a meta-initialized ``model``; every key and shape must fit exactly."""
+    expected = model.state_dict(keep_vars=True)
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise ValueError(f"{where}: unexpected weights not in the model: {unexpected[:10]}")
+    for k, t in sd.items():
+        want = tuple(expected[k].shape)
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"{where}: weight {k} has shape {tuple(t.shape)} in the file but the model "
+                f"(config + manifest) expects {want}"
+            )
+    # Tied parameters (e.g. lm_head <- embed_tokens) are stored once. Meta init does not tie
+    # them by identity, so also use transformers' declared ties (which follow the config).
+    tied: dict[str, str] = {}
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    for names in by_id.values():
+        stored = [n for n in names if n in sd]
+        tied.update({n: stored[0] for n in names if stored and n not in sd})
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target not in sd and source in sd:
+            tied[target] = source
+    missing = [k for k in expected if k not in sd and k not in tied]
+    if missing:
+        raise ValueError(f"{where}: weights missing from the file: {missing[:10]}")
+    model.load_state_dict(
+        {k: t.to(dtype) if t.is_floating_point() else t for k, t in sd.items()},
+        strict=False,
+        assign=True,
+    )
+    for target, source in tied.items():
+        if target in sd:
+            continue
+        parent, _, attr = target.rpartition(".")
+        setattr(model.get_submodule(parent), attr, model.get_parameter(source))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{where}: tensors left uninitialized after loading: {left[:10]}")
+
+
+def load_pruned(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict]:
+    """Rebuild a pruned model from its directory alone: config -> model -> resize -> weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(path)
+    raw = _read_json(d)
+    config = AutoConfig.from_pretrained(d)
+    manifest = check_manifest(raw, config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply_structure(model, manifest)
+    _load_strict(model, load_safetensors_dir(d), dtype, where=str(d))
+    return model.to(device).eval(), manifest

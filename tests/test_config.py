@@ -74,3 +74,22 @@ def test_cli_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("base", "data", "prune", "align", "train", "recover", "merge", "evaluate"):
         assert cmd in out
+
+
+def test_variants_override_shared_sections_and_validate():
+    raw = {
+        "prune": {"ratio": 0.5},
+        "variants": {
+            "rand": {"prune": {"method": "random"}},
+            "qloram": {"train": {"quantize": "nf4"}, "description": "QLoRAM"},
+        },
+    }
+    p = parse_params(raw)
+    assert p["variants"]["rand"]["prune"].method == "random"
+    assert p["variants"]["rand"]["prune"].ratio == 0.5  # inherited
+    assert p["variants"]["qloram"]["train"].quantize == "nf4"
+    assert p["variants"]["qloram"]["prune"].method == "structured"
+    with pytest.raises(ParamsError, match=r"variants.bad.prune.ratio = 3"):
+        parse_params({"variants": {"bad": {"prune": {"ratio": 3}}}})
+    with pytest.raises(ParamsError, match=r"variants.bad.kind"):
+        parse_params({"variants": {"bad": {"kind": "full"}}})

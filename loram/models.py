@@ -36,6 +36,10 @@ EMBEDDED: dict[str, Embedded] = {
 }
 
 
+# Tiny random models built in-process with their own tokenizer (CI profile, smoke runs).
+TINY = ("tiny-llama", "tiny-qwen2")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     kind: str  # "embedded" | "gguf" | "dir" | "hub"
@@ -45,6 +49,8 @@ class ModelSource:
 
 def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
     """Work out where ``model`` comes from; clear error if it cannot be found."""
+    if model in TINY:
+        return ModelSource("tiny", model)
     if model in EMBEDDED:
         emb = EMBEDDED[model]
         spec = importlib.util.find_spec(emb.package)
@@ -74,7 +80,7 @@ def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
         return ModelSource("dir", str(p))
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise FileNotFoundError(
-            f"model {model!r} is neither an embedded name ({', '.join(EMBEDDED)}), an existing "
+            f"model {model!r} is neither an embedded name ({', '.join([*EMBEDDED, *TINY])}), an existing "
             "directory, a .gguf file nor a hub id"
         )
     return ModelSource("hub", model, gguf_file)
@@ -96,6 +102,11 @@ def load_model(
 
     src = resolve_source(model, gguf_file)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if src.kind == "tiny":
+        from loram.testing import tiny_pretrained
+
+        m, tok = tiny_pretrained(model)
+        return m.to(torch_dtype).eval(), (tok if with_tokenizer else None)
     kwargs: dict = {"dtype": torch_dtype}
     if revision:
         kwargs["revision"] = revision

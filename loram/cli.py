@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "loram.commands",
     "loram.memory",
     "loram.report",
+    "loram.profiles",
 ]
 
 

@@ -1,0 +1,40 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loram.config import ParamsError, parse_params
+from loram.profiles import apply_profile, deep_merge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_deep_merge_merges_mappings_and_replaces_the_rest():
+    base = {"a": {"x": 1, "y": {"k": 1}}, "b": [1, 2], "c": 3}
+    over = {"a": {"y": {"j": 2}}, "b": [9], "d": None}
+    assert deep_merge(base, over) == {"a": {"x": 1, "y": {"k": 1, "j": 2}}, "b": [9], "c": 3, "d": None}
+    assert base["a"]["y"] == {"k": 1}  # inputs untouched
+
+
+@pytest.mark.parametrize("profiles", [["paper.yaml"], ["paper.yaml", "paper-70b.yaml"]])
+def test_shipped_profiles_validate(tmp_path, profiles):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    for name in profiles:
+        apply_profile(ROOT / "profiles" / name, params)
+    p = parse_params(yaml.safe_load(params.read_text()))
+    assert p["base"].dtype == "bfloat16" and p["eval"].limit == {}
+    assert p["align"].max_steps * p["align"].micro_batch * p["align"].grad_accum * p["align"].seq_len == 104_857_600
+    if "paper-70b.yaml" in profiles:
+        assert p["train"].quantize == "nf4" and p["prune"].ratio == 0.85
+
+
+def test_bad_profile_is_rejected_before_writing(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    before = params.read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: {ratio: 1.2}\n")
+    with pytest.raises(ParamsError, match="prune.ratio = 1.2"):
+        apply_profile(bad, params)
+    assert params.read_text() == before

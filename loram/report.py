@@ -54,9 +54,12 @@ BASELINE_KINDS = ("original", "lora_full", "lora_small", "no_recovery")
 COST_COLUMNS: list[tuple[str, str]] = [
     ("params_held", "params held in training"),
     ("reduction", "reduction ×"),
+    ("base_weight_mib", "base weights held in training (MiB)"),
     ("peak_rss_mib", "peak training memory (MiB)"),
     ("train_seconds", "training time (s)"),
+    ("sparsity", "sparsity of the merged pruned layers"),
 ]
+OPTIONAL_COST_COLUMNS = ("base_weight_mib", "sparsity")
 BENCH_LABELS: dict[str, str] = {
     "gsm8k/exact_match_strict": "GSM8K strict",
     "gsm8k/exact_match_flexible": "GSM8K flex",
@@ -222,6 +225,11 @@ def _lower_is_better(key: str) -> bool:
     return key.startswith(PPL_PREFIX)
 
 
+def _mib(value: Any) -> float | None:
+    v = _num(value)
+    return None if v is None else v / 2**20
+
+
 def format_value(key: str, value: Any) -> str:
     """Format one cell: params with separators, accuracies as %, perplexity with 2 decimals."""
     if key in ("arm", "description"):
@@ -235,7 +243,7 @@ def format_value(key: str, value: Any) -> str:
         return f"{round(v):,}"
     if key == "reduction":
         return f"{v:.2f}×"
-    if key in ("peak_rss_mib", "train_seconds"):
+    if key in ("peak_rss_mib", "train_seconds", "base_weight_mib"):
         return f"{v:,.1f}"
     if key.startswith(PPL_PREFIX):
         return f"{v:,.2f}"
@@ -342,8 +350,10 @@ def results_table(arms: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             "description": _describe(arm),
             "params_held": held,
             "reduction": reduction,
+            "base_weight_mib": _mib(arm.get("base_param_bytes")),
             "peak_rss_mib": _num(arm.get("peak_rss_mib")),
             "train_seconds": _num(arm.get("train_seconds")),
+            "sparsity": _num(arm.get("sparsity")),
         }
         bench = _bench_values(arm)
         row.update({k: bench.get(k) for k in bench_keys})
@@ -355,7 +365,9 @@ def results_table(arms: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=cols)
     num_cols = cols[2:]
     df[num_cols] = df[num_cols].apply(pd.to_numeric, errors="coerce").astype(float)
-    return df
+    # Optional cost columns that no arm reports (e.g. sparsity without sparse arms) are dropped.
+    empty = [k for k in OPTIONAL_COST_COLUMNS if df[k].isna().all()]
+    return df.drop(columns=empty)
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
@@ -863,7 +875,27 @@ def _default_meta(args: argparse.Namespace) -> dict[str, Any]:
             doc = {}
         if isinstance(doc.get("eval"), Mapping):
             meta["limits"] = dict(doc["eval"])
+    align = _alignment_effect(Path(args.metrics_dir).parent)
+    if align:
+        meta["alignment (pruned model, general-text perplexity before → after)"] = align
     return meta
+
+
+def _alignment_effect(metrics_root: Path) -> dict[str, str]:
+    """Per pruned base: held-out general-text perplexity of the pruned model before/after align."""
+    files = {"loram": metrics_root / "align.json"}
+    files.update({p.parent.name: p for p in sorted(metrics_root.glob("variants/*/align.json"))})
+    out = {}
+    for name, path in files.items():
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if d.get("enabled") and d.get("val_ppl_before") is not None:
+            out[name] = (
+                f"{d['val_ppl_before']:.2f} → {d['val_ppl_after']:.2f} ({d.get('tokens', 0):,} tokens)"
+            )
+    return out
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -423,3 +423,22 @@ def test_cli_report(tmp_path: Path) -> None:
     assert "## Pruning-ratio sweep" in md and "](sweep.png)" in md
     assert "- command: loram report --metrics-dir" in md
     assert (tmp_path / "r" / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_optional_cost_columns_appear_only_when_reported() -> None:
+    arms = [
+        {"arm": "original", "kind": "original", "ppl": {"in_domain": 4.0}},
+        {
+            "arm": "semi",
+            "kind": "variant",
+            "params_held": 100,
+            "base_param_bytes": 3 * 2**20,
+            "sparsity": 0.5,
+            "ppl": {"in_domain": 5.0},
+        },
+    ]
+    df = report.results_table(arms).set_index("arm")
+    assert df.at["semi", "base_weight_mib"] == pytest.approx(3.0)
+    assert report.format_value("sparsity", df.at["semi", "sparsity"]) == "50.0%"
+    plain = report.results_table([arms[0]])
+    assert "sparsity" not in plain.columns and "base_weight_mib" not in plain.columns

@@ -29,6 +29,17 @@ def test_shipped_profiles_validate(tmp_path, profiles):
         assert p["train"].quantize == "nf4" and p["prune"].ratio == 0.85
 
 
+def test_variants_profile_resolves_every_method(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    apply_profile(ROOT / "profiles" / "variants.yaml", params)
+    v = parse_params(yaml.safe_load(params.read_text()))["variants"]
+    assert {n: v[n]["prune"].method for n in v} == {
+        "rand": "random", "semi": "semi", "unst": "unstructured", "qloram": "structured"
+    }
+    assert v["unst"]["prune"].ratio == 0.55 and v["qloram"]["train"].quantize == "nf4"
+
+
 def test_bad_profile_is_rejected_before_writing(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())

@@ -70,3 +70,92 @@ def _build(cls, cfg, seed: int):
 
 
 TINY_BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "llama_mha": tiny_llama_mha}
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny "pretrained" models: a tiny random model plus a real byte-level tokenizer (CI profile)
+
+TINY_SPECIALS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
+"""Special tokens after the 256 byte tokens: BOS, padding and the ChatML turn markers (EOS)."""
+
+TINY_VOCAB = 320
+"""Embedding rows of the tiny pretrained models: 256 bytes + specials, rounded up."""
+
+TINY_MAX_POSITIONS = 1024
+"""Context length of the tiny pretrained models (lm-eval few-shot prompts are long in bytes)."""
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(max_length: int = TINY_MAX_POSITIONS):
+    """A lossless byte-level tokenizer: one token per UTF-8 byte, ChatML specials, chat template.
+
+    A BPE model without merges over the 256 byte-level symbols (GPT-2's byte-to-unicode map),
+    so any text encodes and decodes back exactly; ids 0-255 are bytes, then ``TINY_SPECIALS``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of_symbol)
+    vocab = {sym: i for i, sym in enumerate(alphabet)}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in TINY_SPECIALS])
+    bos, pad, _, eos = TINY_SPECIALS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        chat_template=TINY_CHAT_TEMPLATE,
+        model_max_length=max_length,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _byte_of_symbol(symbol: str) -> int:
+    """The byte that GPT-2's byte-level alphabet maps to ``symbol`` (orders ids as bytes)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), 256),
+    ]
+    code = ord(symbol)
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+def tiny_pretrained(name: str, seed: int = 0):
+    """``(model, tokenizer)`` for ``tiny-llama`` / ``tiny-qwen2``: seeded random weights, byte tokenizer.
+
+    The model's vocabulary (``TINY_VOCAB``) covers the tokenizer's 260 ids; its context is
+    ``TINY_MAX_POSITIONS`` tokens; BOS / EOS / PAD ids are set on the config and the generation
+    config so generation stops at ``<|im_end|>``.
+    """
+    builders = {"tiny-llama": tiny_llama, "tiny-qwen2": tiny_qwen2}
+    if name not in builders:
+        raise ValueError(f"unknown tiny model {name!r}; expected one of {', '.join(builders)}")
+    tok = tiny_tokenizer()
+    if len(tok) > TINY_VOCAB:
+        raise AssertionError(f"tokenizer has {len(tok)} ids, more than the {TINY_VOCAB} embeddings")
+    model = builders[name](seed=seed, vocab=TINY_VOCAB)
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    for cfg in (model.config, model.generation_config):
+        for key, value in ids.items():
+            setattr(cfg, key, value)
+    model.config.max_position_embeddings = TINY_MAX_POSITIONS
+    model.config._name_or_path = name
+    return model, tok

@@ -2,9 +2,9 @@
 """CI: run the whole DVC pipeline on the tiny profile in a throw-away copy and diff its metrics.
 
 Steps: copy the tracked files to a temporary directory; deep-merge ``profiles/ci.yaml`` into
-its ``params.yaml``; commit the baseline metrics of ``ci/metrics/`` (a mirror of the metric
-paths, e.g. ``ci/metrics/metrics/base.json``) in a fresh git repository there; ``dvc repro``;
-print ``dvc metrics diff`` against that commit; fail if a baseline metric is missing or is no
+its ``params.yaml`` (``loram profile``; the profile's ``variants`` replace the params' ones);
+commit the baseline metrics of ``ci/metrics/`` (a mirror of the metric paths, e.g.
+``ci/metrics/metrics/base.json``) in a fresh git repository there; ``dvc repro``; print ``dvc metrics diff`` against that commit; fail if a baseline metric is missing or is no
 longer a number (numeric changes, e.g. timings, are fine); check that editing ``train.lr`` or
 ``prune.ratio`` invalidates exactly the stages that should re-run.
 
@@ -43,16 +43,6 @@ class CIError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------- small helpers
-
-
-def deep_merge(base: Any, override: Any) -> Any:
-    """``override`` merged onto ``base``: mappings key by key (recursively), anything else replaces."""
-    if isinstance(base, Mapping) and isinstance(override, Mapping):
-        out = dict(base)
-        for key, value in override.items():
-            out[key] = deep_merge(base[key], value) if key in base else value
-        return out
-    return override
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -230,14 +220,23 @@ def copy_project(root: Path, work: Path, env: Mapping[str, str]) -> int:
     return n
 
 
-def apply_profile(params: Path, profile: Path) -> dict[str, Any]:
-    """Deep-merge the profile into ``params`` in place; returns the merged parameters."""
-    base = yaml.safe_load(params.read_text()) or {}
+def apply_profile(work: Path, profile: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """Merge the profile into ``work/params.yaml`` with the copy's own ``loram profile`` command.
+
+    ``loram profile`` deep-merges (mappings key by key, the rest replaces) and validates. The
+    profile's ``variants`` then replace those of params.yaml, so the CI runs exactly its own arms.
+    Returns the resulting parameters.
+    """
     over = yaml.safe_load(profile.read_text()) or {}
     if not isinstance(over, dict):
         raise CIError(f"{profile} must be a mapping of params sections")
-    merged = deep_merge(base, over)
-    params.write_text(yaml.safe_dump(merged, sort_keys=False))
+    cmd = [sys.executable, "-m", "loram.cli", "profile", str(profile), "--params", "params.yaml"]
+    sh(cmd, work, dict(env, PYTHONPATH=str(work)), "loram profile")
+    params = work / "params.yaml"
+    merged = yaml.safe_load(params.read_text())
+    if "variants" in over and merged.get("variants") != over["variants"]:
+        merged["variants"] = over["variants"]
+        params.write_text(yaml.safe_dump(merged, sort_keys=False))
     return merged
 
 
@@ -436,7 +435,7 @@ def run_ci(args: argparse.Namespace, say: Callable[[str], None] | None = None) -
         say(f"  {n} files -> {work}")
         clock.step(
             f"apply {profile.relative_to(ROOT) if profile.is_relative_to(ROOT) else profile}",
-            lambda: apply_profile(work / "params.yaml", profile),
+            lambda: apply_profile(work, profile, env),
         )
         clock.step("validate params", lambda: validate_params(work, run_env))
         nb = clock.step("git init + baseline commit", lambda: init_repo(work, baseline, env))

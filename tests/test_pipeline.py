@@ -85,21 +85,13 @@ def test_check_metrics_fails_on_a_missing_file():
     ]
 
 
-def test_flatten_and_deep_merge():
+def test_flatten():
     assert ci.flatten({"a": {"b": [1, {"c": 2}]}, "d": {}, "e": []}) == {
         "a.b[0]": 1,
         "a.b[1].c": 2,
         "d": {},
         "e": [],
     }
-    base = {"eval": {"limit": {"gsm8k": 5, "csr": 10}, "tasks": ["a", "b"]}, "base": {"model": "x"}}
-    over = {"eval": {"limit": {"csr": 2}, "tasks": ["c"]}, "variants": {"r": {}}}
-    assert ci.deep_merge(base, over) == {
-        "eval": {"limit": {"gsm8k": 5, "csr": 2}, "tasks": ["c"]},
-        "base": {"model": "x"},
-        "variants": {"r": {}},
-    }
-    assert base["eval"]["limit"] == {"gsm8k": 5, "csr": 10}  # not modified
 
 
 def test_downstream_closure():
@@ -113,7 +105,8 @@ def test_ci_profile_merges_into_valid_params(tmp_path):
 
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
-    ci.apply_profile(params, ROOT / "profiles" / "ci.yaml")
+    params.write_text(params.read_text().replace("variants: {}", "variants: {x: {}}"))
+    ci.apply_profile(tmp_path, ROOT / "profiles" / "ci.yaml", ci.tool_env())
     p = load_params(params)
     assert p["base"].model == "tiny-llama"
     assert p["train"].max_steps <= 5 and p["align"].max_steps <= 5

@@ -107,6 +107,13 @@ def calibration_batches(tokenizer, rows: list[dict], n: int, seq_len: int, seed:
     examples = encode_rows(tokenizer, rows[: n * 4], seq_len)
     examples = [{"input_ids": e["input_ids"], "labels": list(e["input_ids"])} for e in examples]
     blocks = pack_examples(examples, seq_len) or examples
+    if len(blocks) < n:
+        # Prompts longer than seq_len leave no trainable example; calibration needs none: pack
+        # whole untruncated examples instead.
+        whole = encode_rows(tokenizer, rows[: n * 4], 1 << 30)
+        blocks = pack_examples([{"input_ids": e["input_ids"], "labels": list(e["input_ids"])} for e in whole], seq_len)
+    if not blocks:
+        raise ValueError(f"no calibration sequence of {seq_len} tokens could be built from the training rows")
     return [collate([b], tokenizer.pad_token_id or 0) for b in blocks[:n]]
 
 
@@ -119,7 +126,8 @@ def cmd_prune(a) -> int:
     p = load_params(a.params, ["prune"])["prune"]
     model, tok = load_model(a.base)
     layers = pruned_layers(model.config.num_hidden_layers, p.first_layer, p.last_dense)
-    needs_calib = p.criterion in ("taylor", "wanda", "sparsegpt") and p.method != "random"
+    crit = p.resolved_criterion
+    needs_calib = crit in ("taylor", "wanda", "sparsegpt")
     calib = (
         calibration_batches(tok, read_jsonl(Path(a.data) / "train.jsonl"), p.calib_samples, p.calib_seq_len, p.seed)
         if needs_calib
@@ -131,7 +139,6 @@ def cmd_prune(a) -> int:
         from loram.prune.artifact import save_pruned
         from loram.prune.structured import prune_structured
 
-        crit = "random" if p.method == "random" else p.criterion
         manifest = prune_structured(model, p.ratio, layers, criterion=crit, calib_batches=calib, seed=p.seed)
         save_pruned(model, manifest, a.out, tokenizer=tok)
         sparsity = None
@@ -142,11 +149,11 @@ def cmd_prune(a) -> int:
 
         pattern = "nm" if p.method == "semi" else "unstructured"
         masks = prune_sparse(
-            model, layers, pattern=pattern, ratio=p.ratio, n=p.n, m=p.m, criterion=p.criterion, calib_batches=calib
+            model, layers, pattern=pattern, ratio=p.ratio, n=p.n, m=p.m, criterion=crit, calib_batches=calib
         )
         sparsity = sparsity_report(model, masks)
         manifest = sparse_manifest(
-            model, layers, pattern=pattern, criterion=p.criterion, ratio=p.ratio, n=p.n, m=p.m, sparsity=sparsity
+            model, layers, pattern=pattern, criterion=crit, ratio=p.ratio, n=p.n, m=p.m, sparsity=sparsity
         )
         save_pruned(model, manifest, a.out, tokenizer=tok)
         save_masks(Path(a.out) / manifest["masks_file"], masks)
@@ -469,7 +476,7 @@ def add_parser(sub) -> None:
     stage(
         "align", cmd_align, cmd_align.__doc__,
         pruned=f"{ART}/pruned", data=f"{ART}/data", out=f"{ART}/aligned",
-        checkpoints=f"{ART}/checkpoints/align", metrics=f"{MET}/align.json", plots=f"{PLOTS}/align_loss.csv",
+        checkpoints=f"{ART}/checkpoints/align", metrics=f"{MET}/align.json", plots=f"{PLOTS}/loss/align.csv",
     )
     stage(
         "train", cmd_train, cmd_train.__doc__,

@@ -182,8 +182,9 @@ class PruneParams:
     method: Literal["structured", "random", "semi", "unstructured"] = "structured"
     ratio: float = 0.65
     """Fraction removed: channels/heads (structured, random) or weights (unstructured)."""
-    criterion: Literal["taylor", "magnitude", "wanda", "sparsegpt"] = "taylor"
-    """structured: taylor | magnitude; semi / unstructured: wanda | sparsegpt | magnitude."""
+    criterion: Literal["auto", "taylor", "magnitude", "wanda", "sparsegpt"] = "auto"
+    """auto = taylor (structured) or wanda (semi / unstructured); random ignores it.
+    structured: taylor | magnitude; semi / unstructured: wanda | sparsegpt | magnitude."""
     n: int = 2
     m: int = 4
     """N:M sparsity for ``semi``: at most n non-zeros in every m consecutive inputs."""
@@ -197,12 +198,21 @@ class PruneParams:
 
     def check(self, s: str) -> None:
         _range(s, "ratio", self.ratio, lo=0, hi=1, hi_open=True)
-        if self.method in ("structured", "random") and self.criterion not in ("taylor", "magnitude"):
+        if self.method in ("structured", "random") and self.criterion not in ("auto", "taylor", "magnitude"):
             _fail(f"{s}.criterion", self.criterion, f"taylor or magnitude for method {self.method}")
         if self.method in ("semi", "unstructured") and self.criterion == "taylor":
             _fail(f"{s}.criterion", self.criterion, "wanda, sparsegpt or magnitude for sparse methods")
         _range(s, "m", self.m, lo=1)
         _range(s, "n", self.n, lo=1, hi=self.m)
+
+    @property
+    def resolved_criterion(self) -> str:
+        """The importance criterion actually used."""
+        if self.method == "random":
+            return "random"
+        if self.criterion == "auto":
+            return "taylor" if self.method == "structured" else "wanda"
+        return self.criterion
         _range(s, "first_layer", self.first_layer, lo=0)
         _range(s, "last_dense", self.last_dense, lo=0)
         _range(s, "calib_samples", self.calib_samples, lo=1)

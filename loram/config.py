@@ -204,6 +204,10 @@ class PruneParams:
             _fail(f"{s}.criterion", self.criterion, "wanda, sparsegpt or magnitude for sparse methods")
         _range(s, "m", self.m, lo=1)
         _range(s, "n", self.n, lo=1, hi=self.m)
+        _range(s, "first_layer", self.first_layer, lo=0)
+        _range(s, "last_dense", self.last_dense, lo=0)
+        _range(s, "calib_samples", self.calib_samples, lo=1)
+        _range(s, "calib_seq_len", self.calib_seq_len, lo=8)
 
     @property
     def resolved_criterion(self) -> str:
@@ -213,10 +217,6 @@ class PruneParams:
         if self.criterion == "auto":
             return "taylor" if self.method == "structured" else "wanda"
         return self.criterion
-        _range(s, "first_layer", self.first_layer, lo=0)
-        _range(s, "last_dense", self.last_dense, lo=0)
-        _range(s, "calib_samples", self.calib_samples, lo=1)
-        _range(s, "calib_seq_len", self.calib_seq_len, lo=8)
 
 
 @dataclass

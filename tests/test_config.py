@@ -28,6 +28,8 @@ def test_shipped_params_parse():
         ({"data": {"train": {"kind": "ftp"}}}, "data.train.kind = 'ftp'"),
         ({"prune": {"method": "semi", "criterion": "taylor"}}, "prune.criterion = 'taylor'"),
         ({"prune": {"n": 5, "m": 4}}, "prune.n = 5"),
+        ({"prune": {"calib_samples": 0}}, "prune.calib_samples = 0"),
+        ({"prune": {"first_layer": -1}}, "prune.first_layer = -1"),
         ({"nonsense": {}}, "nonsense is not a known params section"),
     ],
 )
@@ -93,3 +95,13 @@ def test_variants_override_shared_sections_and_validate():
         parse_params({"variants": {"bad": {"prune": {"ratio": 3}}}})
     with pytest.raises(ParamsError, match=r"variants.bad.kind"):
         parse_params({"variants": {"bad": {"kind": "full"}}})
+
+
+@pytest.mark.parametrize(
+    "method, criterion, used",
+    [("structured", "auto", "taylor"), ("random", "auto", "random"), ("semi", "auto", "wanda"),
+     ("unstructured", "sparsegpt", "sparsegpt"), ("structured", "magnitude", "magnitude")],
+)
+def test_auto_criterion_resolves_per_method(method, criterion, used):
+    p = parse_params({"prune": {"method": method, "criterion": criterion}})["prune"]
+    assert p.resolved_criterion == used

@@ -140,7 +140,9 @@ EMBEDDED = {
 
 def normalize_row(row: dict, fmt: str = "auto") -> dict:
     """Map a raw row of a known schema to ``{"prompt", "response"}`` or ``{"text"}``."""
-    if fmt == "text" or (fmt == "auto" and set(row) & {"text", "content"} and not _is_instruction(row)):
+    if fmt == "text" or (
+        fmt == "auto" and set(row) & {"text", "content"} and not _is_instruction(row)
+    ):
         text = row.get("text", row.get("content"))
         if not isinstance(text, str):
             raise ValueError(f"text row has no string 'text' field: keys {sorted(row)}")
@@ -153,7 +155,10 @@ def normalize_row(row: dict, fmt: str = "auto") -> dict:
         return {"prompt": prompt, "response": row["output"]}
     if "instruction" in row and "response" in row:
         ctx = row.get("context") or ""
-        return {"prompt": row["instruction"] + (f"\n\n{ctx}" if ctx else ""), "response": row["response"]}
+        return {
+            "prompt": row["instruction"] + (f"\n\n{ctx}" if ctx else ""),
+            "response": row["response"],
+        }
     if "question" in row and "answer" in row:  # GSM8K
         return {"prompt": row["question"], "response": row["answer"]}
     if "problem" in row and "solution" in row:  # MATH
@@ -174,7 +179,9 @@ def normalize_row(row: dict, fmt: str = "auto") -> dict:
 
 
 def _is_instruction(row: dict) -> bool:
-    return bool({"prompt", "instruction", "question", "problem", "messages", "conversations"} & set(row))
+    return bool(
+        {"prompt", "instruction", "question", "problem", "messages", "conversations"} & set(row)
+    )
 
 
 def _from_chat(turns) -> dict:
@@ -221,7 +228,9 @@ def read_file_rows(path: str | Path) -> list[dict]:
     if suffix in (".txt", ".txt.gz"):
         with opener(p, "rt", encoding="utf-8") as f:
             return [{"text": line.strip()} for line in f if line.strip()]
-    raise ValueError(f"{p}: unsupported data file type {suffix!r}; use .jsonl, .json, .parquet, .csv or .txt")
+    raise ValueError(
+        f"{p}: unsupported data file type {suffix!r}; use .jsonl, .json, .parquet, .csv or .txt"
+    )
 
 
 def load_rows(src: SourceParams) -> list[dict]:
@@ -291,7 +300,9 @@ def encode_instruction(tokenizer, prompt: str, response: str, seq_len: int) -> d
     """
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        prompt_text = tokenizer.apply_chat_template(
+            user, tokenize=False, add_generation_prompt=True
+        )
         full = tokenizer.apply_chat_template(
             user + [{"role": "assistant", "content": response}], tokenize=False
         )
@@ -339,7 +350,9 @@ def pack_examples(examples: list[dict], seq_len: int, drop_last: bool = True) ->
     return blocks
 
 
-def pack_text(tokenizer, texts: Iterable[str], seq_len: int, max_blocks: int | None = None) -> list[dict]:
+def pack_text(
+    tokenizer, texts: Iterable[str], seq_len: int, max_blocks: int | None = None
+) -> list[dict]:
     """Tokenize documents (EOS between them) and cut into ``seq_len`` blocks for LM training."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     buf: list[int] = []
@@ -369,4 +382,6 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def batches(examples: list[dict], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    return [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+    return [
+        collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)
+    ]

@@ -112,7 +112,12 @@ def load_model(
         kwargs["revision"] = revision
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
-    log.info("loading %s model from %s%s", src.kind, src.path, f" ({src.gguf_file})" if src.gguf_file else "")
+    log.info(
+        "loading %s model from %s%s",
+        src.kind,
+        src.path,
+        f" ({src.gguf_file})" if src.gguf_file else "",
+    )
     with _quiet_transformers():
         m = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
         tok = None
@@ -127,6 +132,14 @@ def load_model(
         tok.pad_token = tok.eos_token
     m.eval()
     return m, tok
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible (``LORAM_DEVICE`` overrides), else ``cpu``."""
+    env = os.environ.get("LORAM_DEVICE")
+    if env:
+        return env
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def strip_quantizer(model) -> None:

@@ -21,7 +21,9 @@ def deep_merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-def apply_profile(profile: str | Path, params: str | Path = "params.yaml", write: bool = True) -> dict:
+def apply_profile(
+    profile: str | Path, params: str | Path = "params.yaml", write: bool = True
+) -> dict:
     """Merge ``profile`` into ``params``; validate the result; write it back unless ``write`` is False."""
     profile, params = Path(profile), Path(params)
     for p in (profile, params):

@@ -17,7 +17,9 @@ def quantize_nf4(model, compute_dtype: torch.dtype = torch.float32, device: str 
     try:
         import bitsandbytes as bnb
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("train.quantize: nf4 needs bitsandbytes (pip install 'loram[quant]')") from exc
+        raise ImportError(
+            "train.quantize: nf4 needs bitsandbytes (pip install 'loram[quant]')"
+        ) from exc
 
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
@@ -61,7 +63,13 @@ def parameter_bytes(model, trainable: bool | None = None) -> dict:
     """Bytes held by the model's parameters (4-bit weights count their packed bytes and their
     quantization constants). ``trainable``: None = all, True/False = only those."""
     seen: set[int] = set()
-    out = {"base_bytes": 0, "trainable_bytes": 0, "quantized_bytes": 0, "other_bytes": 0, "params": 0}
+    out = {
+        "base_bytes": 0,
+        "trainable_bytes": 0,
+        "quantized_bytes": 0,
+        "other_bytes": 0,
+        "params": 0,
+    }
     for _, p in model.named_parameters():
         if id(p) in seen:
             continue

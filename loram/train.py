@@ -49,15 +49,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_lora(model, tokenizer, train_rows, val_rows, p: TrainParams, adapter_out, ckpt_dir) -> dict:
+def train_lora(
+    model, tokenizer, train_rows, val_rows, p: TrainParams, adapter_out, ckpt_dir
+) -> dict:
     """Wrap ``model`` with LoRA, train it, save the adapter to ``adapter_out``; return metrics."""
     from peft import get_peft_model
 
+    from loram.models import default_device
     from loram.quant import parameter_bytes, quantize_nf4
 
     torch.manual_seed(p.seed)
+    device = default_device()
     if p.quantize == "nf4":
-        model = quantize_nf4(model)
+        model = quantize_nf4(model, device=device)
+    model.to(device)
     for prm in model.parameters():
         prm.requires_grad_(False)
     peft_model = get_peft_model(model, lora_config(p))
@@ -93,13 +98,18 @@ def train_lora(model, tokenizer, train_rows, val_rows, p: TrainParams, adapter_o
     }
 
 
-def align_model(model, tokenizer, texts, p: AlignParams, ckpt_dir, masks=None, val_texts=None) -> dict:
+def align_model(
+    model, tokenizer, texts, p: AlignParams, ckpt_dir, masks=None, val_texts=None
+) -> dict:
     """Full-rank continual pre-training of a pruned model on plain text (all but lm_head).
 
     With ``masks`` (sparse variants) pruned weights are forced back to exact zero after every
     optimizer step.
     """
+    from loram.models import default_device
+
     torch.manual_seed(p.seed)
+    model.to(default_device())
     blocks = pack_text(tokenizer, texts, p.seq_len)
     if val_texts is not None:
         val_blocks = pack_text(tokenizer, val_texts, p.seq_len, max_blocks=p.max_val_blocks)
@@ -123,17 +133,21 @@ def align_model(model, tokenizer, texts, p: AlignParams, ckpt_dir, masks=None, v
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     before = evaluate_loss(model, val_blocks, p.micro_batch, pad) if val_blocks else None
     t0 = time.time()
-    history = train_loop(
-        model,
-        blocks,
-        val_blocks,
-        _loop_config(p, eval_every=max(1, p.max_steps // 4) if p.max_steps else 1),
-        ckpt_dir,
-        pad,
-        fingerprint_extra={"align": True, "masked": bool(masks)},
-        after_step=after,
-        desc="align",
-    ) if p.max_steps > 0 else []
+    history = (
+        train_loop(
+            model,
+            blocks,
+            val_blocks,
+            _loop_config(p, eval_every=max(1, p.max_steps // 4) if p.max_steps else 1),
+            ckpt_dir,
+            pad,
+            fingerprint_extra={"align": True, "masked": bool(masks)},
+            after_step=after,
+            desc="align",
+        )
+        if p.max_steps > 0
+        else []
+    )
     for prm in model.parameters():
         prm.requires_grad_(False)
     after_loss = evaluate_loss(model, val_blocks, p.micro_batch, pad) if val_blocks else None
@@ -162,5 +176,7 @@ def write_loss_csv(path: str | Path, history: list[dict], arm: str) -> None:
     lines = ["arm,step,loss,val_loss,lr"]
     for h in history:
         v = h.get("val_loss")
-        lines.append(f"{arm},{h['step']},{h['loss']:.6f},{'' if v is None else f'{v:.6f}'},{h['lr']:.3e}")
+        lines.append(
+            f"{arm},{h['step']},{h['loss']:.6f},{'' if v is None else f'{v:.6f}'},{h['lr']:.3e}"
+        )
     atomic_write_text(path, "\n".join(lines) + "\n")

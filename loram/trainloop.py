@@ -68,9 +68,10 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> 
     """Mean token-level cross-entropy over ``examples`` (labels != -100)."""
     was_training = model.training
     model.eval()
+    device = _device_of(model)
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         lp = torch.nn.functional.cross_entropy(
@@ -109,10 +110,15 @@ def train_loop(
     decay = [p for n, p in named if p.ndim >= 2]
     no_decay = [p for n, p in named if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
     )
-    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    sched = get_scheduler(
+        cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
 
     ckpt_dir = Path(ckpt_dir)
     fp = cfg.fingerprint({"n_train": len(train_examples), **(fingerprint_extra or {})})
@@ -122,6 +128,7 @@ def train_loop(
         return history
 
     model.train()
+    device = _device_of(model)
     tokens_per_step = None
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
     t0 = time.time()
@@ -130,10 +137,15 @@ def train_loop(
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout stream is a function of the step
         micro = batch_indices(len(train_examples), step, cfg.micro_batch, cfg.grad_accum, cfg.seed)
         n_tokens = sum(
-            sum(1 for v in train_examples[i]["labels"][1:] if v != -100) for idx in micro for i in idx
+            sum(1 for v in train_examples[i]["labels"][1:] if v != -100)
+            for idx in micro
+            for i in idx
         )
         for idx in micro:
-            batch = collate([train_examples[i] for i in idx], pad_id)
+            batch = {
+                k: v.to(device)
+                for k, v in collate([train_examples[i] for i in idx], pad_id).items()
+            }
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             labels = batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
@@ -175,14 +187,22 @@ def train_loop(
     return history
 
 
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _save_checkpoint(model, opt, sched, ckpt_dir: Path, fp: str, step: int, history, named) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / f".tmp-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({n: p.detach().contiguous().cpu() for n, p in named}, str(tmp / "trainable.safetensors"))
+    save_file(
+        {n: p.detach().contiguous().cpu() for n, p in named}, str(tmp / "trainable.safetensors")
+    )
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({"fingerprint": fp, "step": step, "history": history}))
+    (tmp / "state.json").write_text(
+        json.dumps({"fingerprint": fp, "step": step, "history": history})
+    )
     last = ckpt_dir / "last"
     old = ckpt_dir / ".old"
     shutil.rmtree(old, ignore_errors=True)

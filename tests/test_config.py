@@ -23,7 +23,10 @@ def test_shipped_params_parse():
         ({"train": {"lr": True}}, "train.lr = True"),
         ({"train": {"targets": ["q_proj", "bogus"]}}, "train.targets"),
         ({"train": {"quantize": "int3"}}, "'none', 'nf4'"),
-        ({"align": {"enabled": "yes"}}, "align.enabled = 'yes' is not allowed: expected true or false"),
+        (
+            {"align": {"enabled": "yes"}},
+            "align.enabled = 'yes' is not allowed: expected true or false",
+        ),
         ({"data": {"val_fraction": 1.0}}, "data.val_fraction = 1.0"),
         ({"data": {"train": {"kind": "ftp"}}}, "data.train.kind = 'ftp'"),
         ({"prune": {"method": "semi", "criterion": "taylor"}}, "prune.criterion = 'taylor'"),
@@ -99,8 +102,13 @@ def test_variants_override_shared_sections_and_validate():
 
 @pytest.mark.parametrize(
     "method, criterion, used",
-    [("structured", "auto", "taylor"), ("random", "auto", "random"), ("semi", "auto", "wanda"),
-     ("unstructured", "sparsegpt", "sparsegpt"), ("structured", "magnitude", "magnitude")],
+    [
+        ("structured", "auto", "taylor"),
+        ("random", "auto", "random"),
+        ("semi", "auto", "wanda"),
+        ("unstructured", "sparsegpt", "sparsegpt"),
+        ("structured", "magnitude", "magnitude"),
+    ],
 )
 def test_auto_criterion_resolves_per_method(method, criterion, used):
     p = parse_params({"prune": {"method": method, "criterion": criterion}})["prune"]

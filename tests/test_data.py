@@ -26,7 +26,9 @@ def make_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     if chat:
         tok.chat_template = (
             "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} <|end|> "
@@ -41,7 +43,9 @@ def test_chat_template_masks_prompt_and_ends_turn():
     ex = encode_instruction(tok, "what is two plus three", "five", seq_len=64)
     ids, labels = ex["input_ids"], ex["labels"]
     prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "what is two plus three"}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": "what is two plus three"}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
@@ -65,7 +69,13 @@ def test_truncation_drops_examples_without_response():
 
 
 def test_packing_keeps_labels_aligned():
-    exs = [{"input_ids": list(range(i * 10, i * 10 + 7)), "labels": [-100] * 3 + list(range(i * 10 + 3, i * 10 + 7))} for i in range(5)]
+    exs = [
+        {
+            "input_ids": list(range(i * 10, i * 10 + 7)),
+            "labels": [-100] * 3 + list(range(i * 10 + 3, i * 10 + 7)),
+        }
+        for i in range(5)
+    ]
     blocks = pack_examples(exs, 8)
     assert len(blocks) == 35 // 8
     flat_ids = [t for e in exs for t in e["input_ids"]]
@@ -85,7 +95,10 @@ def test_pack_text_blocks_exact_length_with_eos():
 
 
 def test_collate_pads_and_masks():
-    b = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    b = collate(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
+        pad_id=0,
+    )
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -112,10 +125,19 @@ def test_split_is_deterministic_and_disjoint():
         ({"problem": "p", "solution": "s"}, {"prompt": "p", "response": "s"}),
         ({"prompt": "p", "completion": "c"}, {"prompt": "p", "response": "c"}),
         (
-            {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}]},
+            {
+                "conversations": [
+                    {"from": "system", "value": "s"},
+                    {"from": "human", "value": "h"},
+                    {"from": "gpt", "value": "g"},
+                ]
+            },
             {"prompt": "h", "response": "g"},
         ),
-        ({"system_prompt": "be nice", "question": "q", "response": "r"}, {"prompt": "be nice\n\nq", "response": "r"}),
+        (
+            {"system_prompt": "be nice", "question": "q", "response": "r"},
+            {"prompt": "be nice\n\nq", "response": "r"},
+        ),
         ({"text": "hello"}, {"text": "hello"}),
     ],
 )
@@ -141,7 +163,9 @@ def test_local_files_of_each_type(tmp_path):
         assert [r["response"] for r in got] == ["0", "1", "2"]
     txt = load_rows(SourceParams(kind="file", name=str(tmp_path / "a.txt"), format="text"))
     assert txt == [{"text": "one doc"}, {"text": "second doc"}]
-    assert len(load_rows(SourceParams(kind="file", name=str(tmp_path / "a.jsonl"), max_rows=2))) == 2
+    assert (
+        len(load_rows(SourceParams(kind="file", name=str(tmp_path / "a.jsonl"), max_rows=2))) == 2
+    )
 
 
 def test_missing_sources_are_clear_errors(tmp_path):

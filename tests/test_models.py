@@ -14,9 +14,15 @@ def test_local_dir_round_trip(tmp_path, build):
     x = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         assert torch.allclose(model(x).logits, loaded(x).logits, atol=1e-4)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values())
+    )
     assert count_params(loaded) == count_params(model)
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
 
 
 def test_resolve_source_errors(tmp_path):
@@ -55,7 +61,9 @@ def test_embedded_gguf_model_loads_and_generates(tmp_path):
 
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     assert getattr(again.config, "quantization_config", None) is None
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = again.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "5" in tok.decode(out[0][ids.input_ids.shape[1] :])

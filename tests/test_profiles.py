@@ -12,7 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_deep_merge_merges_mappings_and_replaces_the_rest():
     base = {"a": {"x": 1, "y": {"k": 1}}, "b": [1, 2], "c": 3}
     over = {"a": {"y": {"j": 2}}, "b": [9], "d": None}
-    assert deep_merge(base, over) == {"a": {"x": 1, "y": {"k": 1, "j": 2}}, "b": [9], "c": 3, "d": None}
+    assert deep_merge(base, over) == {
+        "a": {"x": 1, "y": {"k": 1, "j": 2}},
+        "b": [9],
+        "c": 3,
+        "d": None,
+    }
     assert base["a"]["y"] == {"k": 1}  # inputs untouched
 
 
@@ -24,7 +29,10 @@ def test_shipped_profiles_validate(tmp_path, profiles):
         apply_profile(ROOT / "profiles" / name, params)
     p = parse_params(yaml.safe_load(params.read_text()))
     assert p["base"].dtype == "bfloat16" and p["eval"].limit == {}
-    assert p["align"].max_steps * p["align"].micro_batch * p["align"].grad_accum * p["align"].seq_len == 104_857_600
+    assert (
+        p["align"].max_steps * p["align"].micro_batch * p["align"].grad_accum * p["align"].seq_len
+        == 104_857_600
+    )
     if "paper-70b.yaml" in profiles:
         assert p["train"].quantize == "nf4" and p["prune"].ratio == 0.85
 
@@ -35,7 +43,10 @@ def test_variants_profile_resolves_every_method(tmp_path):
     apply_profile(ROOT / "profiles" / "variants.yaml", params)
     v = parse_params(yaml.safe_load(params.read_text()))["variants"]
     assert {n: v[n]["prune"].method for n in v} == {
-        "rand": "random", "semi": "semi", "unst": "unstructured", "qloram": "structured"
+        "rand": "random",
+        "semi": "semi",
+        "unst": "unstructured",
+        "qloram": "structured",
     }
     assert v["unst"]["prune"].ratio == 0.55 and v["qloram"]["train"].quantize == "nf4"
 

@@ -29,7 +29,9 @@ def _linear_bytes_fp32(model) -> int:
 def test_qloram_trains_recovers_and_merges_into_fp32_original(tmp_path, build):
     original = build()
     pruned = build()
-    manifest = prune_structured(pruned, 0.5, [1, 2, 3, 4], criterion="random", seed=1, progress=False)
+    manifest = prune_structured(
+        pruned, 0.5, [1, 2, 3, 4], criterion="random", seed=1, progress=False
+    )
     fp32_linear = _linear_bytes_fp32(pruned)
     q = quantize_nf4(pruned)
     import bitsandbytes as bnb
@@ -45,7 +47,10 @@ def test_qloram_trains_recovers_and_merges_into_fp32_original(tmp_path, build):
     assert mem["quantized_bytes"] > fp32_linear / 10  # really stored, not dropped
 
     g = torch.Generator().manual_seed(0)
-    ex = [{"input_ids": (ids := torch.randint(0, 128, (12,), generator=g).tolist()), "labels": ids} for _ in range(8)]
+    ex = [
+        {"input_ids": (ids := torch.randint(0, 128, (12,), generator=g).tolist()), "labels": ids}
+        for _ in range(8)
+    ]
     cfg = LoopConfig(max_steps=3, lr=5e-2, micro_batch=2, save_every=3, eval_every=3)
     hist = train_loop(peft, ex, [], cfg, tmp_path / "ckpt", pad_id=0)
     assert len(hist) == 3
@@ -55,7 +60,9 @@ def test_qloram_trains_recovers_and_merges_into_fp32_original(tmp_path, build):
     merged_ref = PeftModel.from_pretrained(build(), tmp_path / "adapter").merge_and_unload()
     assert merged_ref.model.layers[1].self_attn.q_proj.weight.dtype == torch.float32
     # The update really reached the full-precision original, and only on kept rows/columns.
-    delta = merged_ref.model.layers[1].mlp.up_proj.weight - original.model.layers[1].mlp.up_proj.weight
+    delta = (
+        merged_ref.model.layers[1].mlp.up_proj.weight - original.model.layers[1].mlp.up_proj.weight
+    )
     kept = torch.tensor(manifest["structure"]["1"]["mlp_channels"])
     pruned_rows = torch.ones(delta.shape[0], dtype=torch.bool)
     pruned_rows[kept] = False

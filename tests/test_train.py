@@ -38,7 +38,15 @@ def test_batch_order_is_a_function_of_seed_and_step():
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
 def test_interrupted_training_resumes_to_identical_weights(tmp_path, build):
-    cfg = LoopConfig(max_steps=6, lr=1e-2, warmup_steps=1, micro_batch=2, grad_accum=2, save_every=3, eval_every=3)
+    cfg = LoopConfig(
+        max_steps=6,
+        lr=1e-2,
+        warmup_steps=1,
+        micro_batch=2,
+        grad_accum=2,
+        save_every=3,
+        eval_every=3,
+    )
     ex, val = _examples(), _examples(4, seed=1)
 
     ref = _lora_model(build)
@@ -80,7 +88,9 @@ def test_align_keeps_sparsity_masks_exact(tmp_path):
     from loram.train import align_model
 
     model = tiny_llama()
-    masks = prune_sparse(model, [1, 2], pattern="nm", n=2, m=4, criterion="magnitude", progress=False)
+    masks = prune_sparse(
+        model, [1, 2], pattern="nm", n=2, m=4, criterion="magnitude", progress=False
+    )
 
     class Tok:
         eos_token_id = 1
@@ -90,7 +100,15 @@ def test_align_keeps_sparsity_masks_exact(tmp_path):
             return {"input_ids": [3 + (ord(c) % 120) for c in text]}
 
     texts = ["the quick brown fox jumps over the lazy dog " * 4] * 8
-    p = AlignParams(max_steps=3, lr=1e-2, warmup_steps=0, micro_batch=2, seq_len=16, max_val_blocks=2, save_every=10)
+    p = AlignParams(
+        max_steps=3,
+        lr=1e-2,
+        warmup_steps=0,
+        micro_batch=2,
+        seq_len=16,
+        max_val_blocks=2,
+        save_every=10,
+    )
     before = {n: w.detach().clone() for n, w in model.named_parameters()}
     res = align_model(model, Tok(), texts, p, tmp_path, masks=masks)
     changed = 0

@@ -19,7 +19,9 @@ PLOTS = Path("plots")
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -69,7 +71,9 @@ def cmd_data(a) -> int:
     out = Path(a.out)
     train_all = load_rows(p.train)
     if "text" in train_all[0]:
-        raise ValueError(f"data.train source {p.train.name!r} is plain text; LoRA needs instruction rows")
+        raise ValueError(
+            f"data.train source {p.train.name!r} is plain text; LoRA needs instruction rows"
+        )
     train, val = split_rows(train_all, p.val_fraction, p.max_val_rows, p.seed)
     stats = {"train": len(train), "val": len(val), "ood": {}}
     tmp = out.with_name(out.name + ".tmp")
@@ -84,7 +88,9 @@ def cmd_data(a) -> int:
         stats["ood"][name] = len(rows)
     text = load_rows(p.align)
     text_rows = [r if "text" in r else {"text": r["prompt"] + "\n" + r["response"]} for r in text]
-    align_train, align_val = split_rows(text_rows, p.val_fraction, max(1, p.max_val_rows // 10), p.seed)
+    align_train, align_val = split_rows(
+        text_rows, p.val_fraction, max(1, p.max_val_rows // 10), p.seed
+    )
     write_jsonl(tmp / "align.jsonl", align_train)
     write_jsonl(tmp / "align_val.jsonl", align_val)
     stats["align_docs"] = len(align_train)
@@ -111,9 +117,13 @@ def calibration_batches(tokenizer, rows: list[dict], n: int, seq_len: int, seed:
         # Prompts longer than seq_len leave no trainable example; calibration needs none: pack
         # whole untruncated examples instead.
         whole = encode_rows(tokenizer, rows[: n * 4], 1 << 30)
-        blocks = pack_examples([{"input_ids": e["input_ids"], "labels": list(e["input_ids"])} for e in whole], seq_len)
+        blocks = pack_examples(
+            [{"input_ids": e["input_ids"], "labels": list(e["input_ids"])} for e in whole], seq_len
+        )
     if not blocks:
-        raise ValueError(f"no calibration sequence of {seq_len} tokens could be built from the training rows")
+        raise ValueError(
+            f"no calibration sequence of {seq_len} tokens could be built from the training rows"
+        )
     return [collate([b], tokenizer.pad_token_id or 0) for b in blocks[:n]]
 
 
@@ -129,17 +139,24 @@ def cmd_prune(a) -> int:
     crit = p.resolved_criterion
     needs_calib = crit in ("taylor", "wanda", "sparsegpt")
     calib = (
-        calibration_batches(tok, read_jsonl(Path(a.data) / "train.jsonl"), p.calib_samples, p.calib_seq_len, p.seed)
+        calibration_batches(
+            tok, read_jsonl(Path(a.data) / "train.jsonl"), p.calib_samples, p.calib_seq_len, p.seed
+        )
         if needs_calib
         else None
     )
     original = count_params(model)
+    from loram.models import default_device
+
+    model.to(default_device())
     t0 = time.time()
     if p.method in ("structured", "random"):
         from loram.prune.artifact import save_pruned
         from loram.prune.structured import prune_structured
 
-        manifest = prune_structured(model, p.ratio, layers, criterion=crit, calib_batches=calib, seed=p.seed)
+        manifest = prune_structured(
+            model, p.ratio, layers, criterion=crit, calib_batches=calib, seed=p.seed
+        )
         save_pruned(model, manifest, a.out, tokenizer=tok)
         sparsity = None
     else:
@@ -149,11 +166,25 @@ def cmd_prune(a) -> int:
 
         pattern = "nm" if p.method == "semi" else "unstructured"
         masks = prune_sparse(
-            model, layers, pattern=pattern, ratio=p.ratio, n=p.n, m=p.m, criterion=crit, calib_batches=calib
+            model,
+            layers,
+            pattern=pattern,
+            ratio=p.ratio,
+            n=p.n,
+            m=p.m,
+            criterion=crit,
+            calib_batches=calib,
         )
         sparsity = sparsity_report(model, masks)
         manifest = sparse_manifest(
-            model, layers, pattern=pattern, criterion=crit, ratio=p.ratio, n=p.n, m=p.m, sparsity=sparsity
+            model,
+            layers,
+            pattern=pattern,
+            criterion=crit,
+            ratio=p.ratio,
+            n=p.n,
+            m=p.m,
+            sparsity=sparsity,
         )
         save_pruned(model, manifest, a.out, tokenizer=tok)
         save_masks(Path(a.out) / manifest["masks_file"], masks)
@@ -232,7 +263,9 @@ def _load_trainable_base(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype="float32"), None
 
 
-def run_train(model_dir: str, data_dir: str, p, out: str, checkpoints: str, arm: str, plots: str) -> dict:
+def run_train(
+    model_dir: str, data_dir: str, p, out: str, checkpoints: str, arm: str, plots: str
+) -> dict:
     from transformers import AutoTokenizer
 
     from loram.data import read_jsonl
@@ -252,7 +285,11 @@ def run_train(model_dir: str, data_dir: str, p, out: str, checkpoints: str, arm:
     write_loss_csv(plots, res.pop("history"), arm)
     res.update(arm=arm, params_original=original, reduction=round(original / res["params_held"], 4))
     if manifest is not None:
-        res.update(method=manifest.get("method"), ratio=manifest.get("ratio"), aligned="aligned" in manifest)
+        res.update(
+            method=manifest.get("method"),
+            ratio=manifest.get("ratio"),
+            aligned="aligned" in manifest,
+        )
     return res
 
 
@@ -269,7 +306,9 @@ def cmd_recover(a) -> int:
     from loram.recover import recover_adapter
 
     p = load_params(a.params, ["recover"])["recover"]
-    recover_adapter(a.adapter, a.pruned, a.out, base_model_path=a.base, norm_a=p.norm_a, seed=p.seed)
+    recover_adapter(
+        a.adapter, a.pruned, a.out, base_model_path=a.base, norm_a=p.norm_a, seed=p.seed
+    )
     return 0
 
 
@@ -311,7 +350,9 @@ def cmd_merge(a) -> int:
     return 0
 
 
-def evaluate_arm(model_dir: str, adapter: str | None, data_dir: str, p, tokenizer_dir: str | None = None) -> dict:
+def evaluate_arm(
+    model_dir: str, adapter: str | None, data_dir: str, p, tokenizer_dir: str | None = None
+) -> dict:
     """Perplexities and lm-eval benchmarks of one model (a merged dir, or pruned dir + adapter)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -330,7 +371,9 @@ def evaluate_arm(model_dir: str, adapter: str | None, data_dir: str, p, tokenize
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
+    from loram.models import default_device
+
+    model.to(default_device()).eval()
     data = Path(data_dir)
     sets = {"in_domain": read_jsonl(data / "val.jsonl")[: p.ppl_max_rows]}
     for f in sorted(data.glob("ood_*.jsonl")):
@@ -338,7 +381,10 @@ def evaluate_arm(model_dir: str, adapter: str | None, data_dir: str, p, tokenize
     sets["general_text"] = read_jsonl(data / "align_val.jsonl")[: p.ppl_max_rows]
     t0 = time.time()
     with torch.no_grad():
-        ppl = {k: perplexity(model, tok, rows, p.ppl_seq_len, p.batch_size)["ppl"] for k, rows in sets.items()}
+        ppl = {
+            k: perplexity(model, tok, rows, p.ppl_seq_len, p.batch_size)["ppl"]
+            for k, rows in sets.items()
+        }
     log.info("perplexity %s (%.0fs)", ppl, time.time() - t0)
     out: dict = {"ppl": ppl}
     if p.tasks:
@@ -366,8 +412,18 @@ def evaluate_arm(model_dir: str, adapter: str | None, data_dir: str, p, tokenize
 
 
 ARM_FIELDS = (
-    "method", "ratio", "aligned", "quantize", "params_original", "params_held", "reduction",
-    "base_param_bytes", "quantized_param_bytes", "peak_rss_mib", "train_seconds", "samples_per_second",
+    "method",
+    "ratio",
+    "aligned",
+    "quantize",
+    "params_original",
+    "params_held",
+    "reduction",
+    "base_param_bytes",
+    "quantized_param_bytes",
+    "peak_rss_mib",
+    "train_seconds",
+    "samples_per_second",
 )
 
 
@@ -396,7 +452,9 @@ def cmd_variant(a) -> int:
 
     allp = load_params(a.params)
     if a.name not in allp["variants"]:
-        raise ValueError(f"variant {a.name!r} is not in params.yaml variants: {sorted(allp['variants'])}")
+        raise ValueError(
+            f"variant {a.name!r} is not in params.yaml variants: {sorted(allp['variants'])}"
+        )
     v = allp["variants"][a.name]
     spec = v["spec"]
     root = Path(a.out) / a.name
@@ -413,11 +471,24 @@ def cmd_variant(a) -> int:
         save_model_dir(model, tok, base_dir)
         del model
     if spec.kind == "lora":
-        tm = run_train(base_dir, a.data, v["train"], str(work / "adapter"), str(work / "ckpt"), a.name,
-                       str(PLOTS / "loss" / f"{a.name}.csv"))
+        tm = run_train(
+            base_dir,
+            a.data,
+            v["train"],
+            str(work / "adapter"),
+            str(work / "ckpt"),
+            a.name,
+            str(PLOTS / "loss" / f"{a.name}.csv"),
+        )
         _write_metrics(mdir / "train.json", tm)
-        merge_args = NS(params=a.params, base=base_dir, adapter=str(work / "adapter"), pruned="none",
-                        out=str(root / "merged"), metrics=str(mdir / "merge.json"))
+        merge_args = NS(
+            params=a.params,
+            base=base_dir,
+            adapter=str(work / "adapter"),
+            pruned="none",
+            out=str(root / "merged"),
+            metrics=str(mdir / "merge.json"),
+        )
     else:
         from loram.config import to_dict
 
@@ -430,23 +501,69 @@ def cmd_variant(a) -> int:
         for sec, obj in overrides.items():
             raw[sec] = to_dict(obj)
         vparams.write_text(yaml.safe_dump(raw, sort_keys=False))
-        cmd_prune(NS(params=str(vparams), base=base_dir, data=a.data, out=str(work / "pruned"),
-                     metrics=str(mdir / "prune.json")))
-        cmd_align(NS(params=str(vparams), pruned=str(work / "pruned"), data=a.data, out=str(work / "aligned"),
-                     checkpoints=str(work / "ckpt_align"), metrics=str(mdir / "align.json"),
-                     plots=str(PLOTS / "loss" / f"{a.name}_align.csv")))
-        tm = run_train(str(work / "aligned"), a.data, v["train"], str(work / "adapter_pruned"),
-                       str(work / "ckpt"), a.name, str(PLOTS / "loss" / f"{a.name}.csv"))
+        cmd_prune(
+            NS(
+                params=str(vparams),
+                base=base_dir,
+                data=a.data,
+                out=str(work / "pruned"),
+                metrics=str(mdir / "prune.json"),
+            )
+        )
+        cmd_align(
+            NS(
+                params=str(vparams),
+                pruned=str(work / "pruned"),
+                data=a.data,
+                out=str(work / "aligned"),
+                checkpoints=str(work / "ckpt_align"),
+                metrics=str(mdir / "align.json"),
+                plots=str(PLOTS / "loss" / f"{a.name}_align.csv"),
+            )
+        )
+        tm = run_train(
+            str(work / "aligned"),
+            a.data,
+            v["train"],
+            str(work / "adapter_pruned"),
+            str(work / "ckpt"),
+            a.name,
+            str(PLOTS / "loss" / f"{a.name}.csv"),
+        )
         _write_metrics(mdir / "train.json", tm)
-        cmd_recover(NS(params=str(vparams), adapter=str(work / "adapter_pruned"), pruned=str(work / "aligned"),
-                       base=base_dir, out=str(work / "adapter")))
-        merge_args = NS(params=str(vparams), base=base_dir, adapter=str(work / "adapter"),
-                        pruned=str(work / "aligned"), out=str(root / "merged"), metrics=str(mdir / "merge.json"))
+        cmd_recover(
+            NS(
+                params=str(vparams),
+                adapter=str(work / "adapter_pruned"),
+                pruned=str(work / "aligned"),
+                base=base_dir,
+                out=str(work / "adapter"),
+            )
+        )
+        merge_args = NS(
+            params=str(vparams),
+            base=base_dir,
+            adapter=str(work / "adapter"),
+            pruned=str(work / "aligned"),
+            out=str(root / "merged"),
+            metrics=str(mdir / "merge.json"),
+        )
     cmd_merge(merge_args)
-    cmd_evaluate(NS(params=a.params, model=str(root / "merged"), adapter="", tokenizer="", data=a.data,
-                    arm=a.name, kind=spec.kind if spec.kind == "lora" else "variant",
-                    description=spec.description or a.name, train_metrics=str(mdir / "train.json"),
-                    merge_metrics=str(mdir / "merge.json"), out=str(MET / "arms" / f"{a.name}.json")))
+    cmd_evaluate(
+        NS(
+            params=a.params,
+            model=str(root / "merged"),
+            adapter="",
+            tokenizer="",
+            data=a.data,
+            arm=a.name,
+            kind=spec.kind if spec.kind == "lora" else "variant",
+            description=spec.description or a.name,
+            train_metrics=str(mdir / "train.json"),
+            merge_metrics=str(mdir / "merge.json"),
+            out=str(MET / "arms" / f"{a.name}.json"),
+        )
+    )
     shutil.rmtree(work, ignore_errors=True)  # keep only the merged model and the metrics
     return 0
 
@@ -457,9 +574,16 @@ def cmd_variant(a) -> int:
 def add_parser(sub) -> None:
     def stage(command, func, help_, **paths):
         sp = sub.add_parser(command, help=help_, description=help_)
-        sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        sp.add_argument(
+            "--params", default="params.yaml", help="params file (default: params.yaml)"
+        )
         for key, default in paths.items():
-            sp.add_argument(f"--{key.replace('_', '-')}", dest=key, default=default, help=f"(default: {default})")
+            sp.add_argument(
+                f"--{key.replace('_', '-')}",
+                dest=key,
+                default=default,
+                help=f"(default: {default})",
+            )
 
         def run(args, _f=func):
             _setup_logging()
@@ -470,36 +594,79 @@ def add_parser(sub) -> None:
     stage("base", cmd_base, cmd_base.__doc__, out=f"{ART}/base", metrics=f"{MET}/base.json")
     stage("data", cmd_data, cmd_data.__doc__, out=f"{ART}/data", metrics=f"{MET}/data.json")
     stage(
-        "prune", cmd_prune, cmd_prune.__doc__,
-        base=f"{ART}/base", data=f"{ART}/data", out=f"{ART}/pruned", metrics=f"{MET}/prune.json",
+        "prune",
+        cmd_prune,
+        cmd_prune.__doc__,
+        base=f"{ART}/base",
+        data=f"{ART}/data",
+        out=f"{ART}/pruned",
+        metrics=f"{MET}/prune.json",
     )
     stage(
-        "align", cmd_align, cmd_align.__doc__,
-        pruned=f"{ART}/pruned", data=f"{ART}/data", out=f"{ART}/aligned",
-        checkpoints=f"{ART}/checkpoints/align", metrics=f"{MET}/align.json", plots=f"{PLOTS}/loss/align.csv",
+        "align",
+        cmd_align,
+        cmd_align.__doc__,
+        pruned=f"{ART}/pruned",
+        data=f"{ART}/data",
+        out=f"{ART}/aligned",
+        checkpoints=f"{ART}/checkpoints/align",
+        metrics=f"{MET}/align.json",
+        plots=f"{PLOTS}/loss/align.csv",
     )
     stage(
-        "train", cmd_train, cmd_train.__doc__,
-        model=f"{ART}/aligned", data=f"{ART}/data", out=f"{ART}/adapter_pruned", arm="loram",
-        checkpoints=f"{ART}/checkpoints/train", metrics=f"{MET}/train/loram.json", plots=f"{PLOTS}/loss/loram.csv",
+        "train",
+        cmd_train,
+        cmd_train.__doc__,
+        model=f"{ART}/aligned",
+        data=f"{ART}/data",
+        out=f"{ART}/adapter_pruned",
+        arm="loram",
+        checkpoints=f"{ART}/checkpoints/train",
+        metrics=f"{MET}/train/loram.json",
+        plots=f"{PLOTS}/loss/loram.csv",
     )
     stage(
-        "recover", cmd_recover, cmd_recover.__doc__,
-        adapter=f"{ART}/adapter_pruned", pruned=f"{ART}/aligned", base=f"{ART}/base", out=f"{ART}/adapter",
+        "recover",
+        cmd_recover,
+        cmd_recover.__doc__,
+        adapter=f"{ART}/adapter_pruned",
+        pruned=f"{ART}/aligned",
+        base=f"{ART}/base",
+        out=f"{ART}/adapter",
     )
     stage(
-        "merge", cmd_merge, cmd_merge.__doc__,
-        base=f"{ART}/base", adapter=f"{ART}/adapter", pruned=f"{ART}/aligned", out=f"{ART}/merged",
+        "merge",
+        cmd_merge,
+        cmd_merge.__doc__,
+        base=f"{ART}/base",
+        adapter=f"{ART}/adapter",
+        pruned=f"{ART}/aligned",
+        out=f"{ART}/merged",
         metrics=f"{MET}/merge.json",
     )
     stage(
-        "evaluate", cmd_evaluate, cmd_evaluate.__doc__,
-        model=f"{ART}/merged", adapter="", tokenizer="", data=f"{ART}/data", arm="loram", kind="loram",
-        description="", train_metrics="", merge_metrics="", out=f"{MET}/arms/loram.json",
+        "evaluate",
+        cmd_evaluate,
+        cmd_evaluate.__doc__,
+        model=f"{ART}/merged",
+        adapter="",
+        tokenizer="",
+        data=f"{ART}/data",
+        arm="loram",
+        kind="loram",
+        description="",
+        train_metrics="",
+        merge_metrics="",
+        out=f"{MET}/arms/loram.json",
     )
     stage(
-        "variant", cmd_variant, cmd_variant.__doc__,
-        name=None, base=f"{ART}/base", data=f"{ART}/data", out=f"{ART}/variants",
+        "variant",
+        cmd_variant,
+        cmd_variant.__doc__,
+        name=None,
+        base=f"{ART}/base",
+        data=f"{ART}/data",
+        out=f"{ART}/variants",
     )
 
 

@@ -198,10 +198,16 @@ class PruneParams:
 
     def check(self, s: str) -> None:
         _range(s, "ratio", self.ratio, lo=0, hi=1, hi_open=True)
-        if self.method in ("structured", "random") and self.criterion not in ("auto", "taylor", "magnitude"):
+        if self.method in ("structured", "random") and self.criterion not in (
+            "auto",
+            "taylor",
+            "magnitude",
+        ):
             _fail(f"{s}.criterion", self.criterion, f"taylor or magnitude for method {self.method}")
         if self.method in ("semi", "unstructured") and self.criterion == "taylor":
-            _fail(f"{s}.criterion", self.criterion, "wanda, sparsegpt or magnitude for sparse methods")
+            _fail(
+                f"{s}.criterion", self.criterion, "wanda, sparsegpt or magnitude for sparse methods"
+            )
         _range(s, "m", self.m, lo=1)
         _range(s, "n", self.n, lo=1, hi=self.m)
         _range(s, "first_layer", self.first_layer, lo=0)
@@ -279,7 +285,14 @@ class TrainParams:
             _fail(f"{s}.targets", self.targets, "a non-empty list from " + ", ".join(LORA_TARGETS))
         _range(s, "lr", self.lr, lo=0, lo_open=True)
         _range(s, "warmup_steps", self.warmup_steps, lo=0)
-        for k in ("micro_batch", "grad_accum", "max_steps", "save_every", "eval_every", "max_val_rows"):
+        for k in (
+            "micro_batch",
+            "grad_accum",
+            "max_steps",
+            "save_every",
+            "eval_every",
+            "max_val_rows",
+        ):
             _range(s, k, getattr(self, k), lo=1)
         _range(s, "seq_len", self.seq_len, lo=8)
         _range(s, "weight_decay", self.weight_decay, lo=0)
@@ -300,8 +313,16 @@ class MergeParams:
 
 
 BENCH_TASKS = (
-    "gsm8k", "mathqa", "csr", "arc_challenge", "arc_easy", "hellaswag", "openbookqa", "piqa",
-    "winogrande", "humaneval",
+    "gsm8k",
+    "mathqa",
+    "csr",
+    "arc_challenge",
+    "arc_easy",
+    "hellaswag",
+    "openbookqa",
+    "piqa",
+    "winogrande",
+    "humaneval",
 )
 
 
@@ -413,7 +434,9 @@ def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str]
 
 
 def parse_params(raw: dict, sections: typing.Iterable[str] | None = None) -> dict[str, Any]:
-    extra = sorted(k for k in raw if k not in SECTIONS and k != "variants" and not k.startswith("_"))
+    extra = sorted(
+        k for k in raw if k not in SECTIONS and k != "variants" and not k.startswith("_")
+    )
     if extra:
         raise ParamsError(
             f"{extra[0]} is not a known params section; allowed: " + ", ".join(SECTIONS)

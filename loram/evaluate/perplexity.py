@@ -16,4 +16,9 @@ def perplexity(model, tokenizer, rows: list[dict], seq_len: int = 512, batch_siz
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loss = evaluate_loss(model, examples, batch_size, pad)
     tokens = sum(sum(1 for v in e["labels"][1:] if v != -100) for e in examples)
-    return {"ppl": round(math.exp(min(loss, 50.0)), 4), "loss": round(loss, 6), "rows": len(examples), "tokens": tokens}
+    return {
+        "ppl": round(math.exp(min(loss, 50.0)), 4),
+        "loss": round(loss, 6),
+        "rows": len(examples),
+        "tokens": tokens,
+    }

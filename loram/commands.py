@@ -313,20 +313,32 @@ def cmd_recover(a) -> int:
 
 
 def cmd_merge(a) -> int:
-    """Merge the recovered adapter into the original model; report sparsity for sparse variants."""
+    """Merge the recovered adapter into the original model (or, for sparse variants with
+    merge.target: pruned, into the sparse model); report the sparsity of the pruned layers."""
     from loram.merge import merge_to_dir
     from loram.prune.artifact import read_manifest
 
     params = load_params(a.params, ["recover", "merge"])
+    mp = params["merge"]
     manifest = read_manifest(a.pruned) if a.pruned not in ("", "none") else {}
     masks = None
     if manifest.get("masks_file"):
         from loram.prune.masks import load_masks
 
         masks = load_masks(Path(a.pruned) / manifest["masks_file"])
+    if mp.target == "pruned" and masks is None:
+        raise ValueError(
+            f"merge.target = 'pruned' needs a semi / unstructured pruned model, not "
+            f"{manifest.get('method') or 'none'!r}: structured pruning changes the shapes"
+        )
+    target_dir = a.pruned if mp.target == "pruned" else a.base
     use_masks = masks if (masks is not None and params["recover"].mask_update) else None
-    merge_to_dir(a.base, a.adapter, a.out, dtype=params["merge"].dtype, masks=use_masks)
-    info: dict = {"method": manifest.get("method"), "mask_update": params["recover"].mask_update}
+    merge_to_dir(target_dir, a.adapter, a.out, dtype=mp.dtype, masks=use_masks)
+    info: dict = {
+        "method": manifest.get("method"),
+        "target": mp.target,
+        "mask_update": params["recover"].mask_update,
+    }
     if masks is not None:
         from transformers import AutoModelForCausalLM
 
@@ -334,16 +346,26 @@ def cmd_merge(a) -> int:
 
         merged = AutoModelForCausalLM.from_pretrained(a.out)
         after = sparsity_report(merged, masks)
-        info["sparsity_before_merge"] = manifest.get("sparsity")
-        info["sparsity_after_merge"] = after
+        before = manifest["sparsity"]["pruned"]["sparsity"]
         val = after["pruned"]["sparsity"]
-        info["sparsity_pruned_before"] = manifest["sparsity"]["pruned"]["sparsity"]
-        info["sparsity_pruned_after"] = val
-        info["densified"] = bool(val < 0.5 * info["sparsity_pruned_before"])
-        if info["densified"]:
+        info.update(
+            sparsity_before_merge=manifest.get("sparsity"),
+            sparsity_after_merge=after,
+            sparsity_pruned_before=before,
+            sparsity_pruned_after=val,
+            densified=bool(val < before - 1e-9),
+        )
+        if mp.target == "original":
+            log.info(
+                "merged into the dense original model (sparsity of the pruned layers %.4f); "
+                "merge.target: pruned with recover.mask_update: true keeps a sparse model",
+                val,
+            )
+        elif info["densified"]:
             log.warning(
-                "the merged model is dense again (sparsity %.4f): B·A fills pruned weights; set "
-                "recover.mask_update: true to keep the sparsity pattern",
+                "merging densified the sparse model (sparsity %.4f -> %.4f): B·A fills pruned "
+                "weights; set recover.mask_update: true to keep the sparsity pattern",
+                before,
                 val,
             )
     _write_metrics(Path(a.metrics), info)
@@ -492,7 +514,7 @@ def cmd_variant(a) -> int:
     else:
         from loram.config import to_dict
 
-        overrides = {"prune": v["prune"], "align": v["align"], "recover": v["recover"]}
+        overrides = {k: v[k] for k in ("prune", "align", "recover", "merge")}
         vparams = work / "params.yaml"
         import yaml
 

@@ -310,6 +310,9 @@ class RecoverParams:
 @dataclass
 class MergeParams:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    target: Literal["original", "pruned"] = "original"
+    """original: the dense, unpruned model (LoRAM). pruned: the (aligned) sparse pruned model
+    itself, semi / unstructured only; with recover.mask_update it stays exactly as sparse."""
 
 
 BENCH_TASKS = (
@@ -380,11 +383,12 @@ class VariantParams:
     align: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     recover: dict[str, Any] = field(default_factory=dict)
+    merge: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, shared: dict[str, Any], name: str) -> dict[str, Any]:
         """The shared sections with this variant's overrides applied (validated)."""
         out = {}
-        for sec in ("base", "prune", "align", "train", "recover"):
+        for sec in ("base", "prune", "align", "train", "recover", "merge"):
             merged = {**to_dict(shared[sec]), **getattr(self, sec)}
             out[sec] = parse_section(SECTIONS[sec], merged, f"variants.{name}.{sec}")
         return out

@@ -43,6 +43,9 @@ def quantize_nf4(model, compute_dtype: torch.dtype = torch.float32, device: str 
                 )
                 if lin.bias is not None:
                     q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+                # bitsandbytes' packed CPU inference path repacks the weight in place on the first
+                # no-grad forward and needs out_features % 32 == 0, which pruned shapes break.
+                q.support_avx512bf16_for_cpu = False
                 setattr(block, name, q.to(device))
     model.config.loram_quantized = "nf4"
     return model

@@ -52,8 +52,8 @@ def test_qloram_trains_recovers_and_merges_into_fp32_original(tmp_path, build):
         for _ in range(8)
     ]
     cfg = LoopConfig(max_steps=3, lr=5e-2, micro_batch=2, save_every=3, eval_every=3)
-    hist = train_loop(peft, ex, [], cfg, tmp_path / "ckpt", pad_id=0)
-    assert len(hist) == 3
+    hist = train_loop(peft, ex, ex[:2], cfg, tmp_path / "ckpt", pad_id=0)  # eval: no-grad forward
+    assert len(hist) == 3 and "val_loss" in hist[-1]
     peft.save_pretrained(tmp_path / "pruned_adapter")
     recover_adapter(tmp_path / "pruned_adapter", manifest, tmp_path / "adapter")
 

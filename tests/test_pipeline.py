@@ -110,7 +110,20 @@ def test_ci_profile_merges_into_valid_params(tmp_path):
     p = load_params(params)
     assert p["base"].model == "tiny-llama"
     assert p["train"].max_steps <= 5 and p["align"].max_steps <= 5
-    assert set(p["variants"]) == {"rand"} and p["variants"]["rand"]["prune"].method == "random"
+    assert set(p["variants"]) == {
+        "rand",
+        "semi",
+        "unst",
+        "qloram",
+    }  # the profile's, not params.yaml's
+    assert {n: v["prune"].method for n, v in p["variants"].items()} == {
+        "rand": "random",
+        "semi": "semi",
+        "unst": "unstructured",
+        "qloram": "structured",
+    }
+    assert p["variants"]["qloram"]["train"].quantize == "nf4"
+    assert p["variants"]["unst"]["merge"].target == "pruned"
     assert "humaneval" not in p["eval"].tasks
 
 

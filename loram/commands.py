@@ -460,7 +460,10 @@ def cmd_evaluate(a) -> int:
     if a.merge_metrics and Path(a.merge_metrics).exists():
         mm = _read_json(Path(a.merge_metrics))
         if "sparsity_pruned_after" in mm:
-            arm["sparsity"] = mm["sparsity_pruned_after"]
+            # Real sparsity of the pruned layers while training, and of the merged model.
+            arm["sparsity"] = mm["sparsity_pruned_before"]
+            arm["sparsity_merged"] = mm["sparsity_pruned_after"]
+            arm["merge_target"] = mm.get("target", "original")
     arm.update(res)
     _write_metrics(Path(a.out), arm)
     return 0

@@ -57,9 +57,10 @@ COST_COLUMNS: list[tuple[str, str]] = [
     ("base_weight_mib", "base weights held in training (MiB)"),
     ("peak_rss_mib", "peak training memory (MiB)"),
     ("train_seconds", "training time (s)"),
-    ("sparsity", "sparsity of the merged pruned layers"),
+    ("sparsity", "sparsity of the pruned layers in training"),
+    ("sparsity_merged", "sparsity of those layers after merge"),
 ]
-OPTIONAL_COST_COLUMNS = ("base_weight_mib", "sparsity")
+OPTIONAL_COST_COLUMNS = ("base_weight_mib", "sparsity", "sparsity_merged")
 BENCH_LABELS: dict[str, str] = {
     "gsm8k/exact_match_strict": "GSM8K strict",
     "gsm8k/exact_match_flexible": "GSM8K flex",
@@ -355,6 +356,7 @@ def results_table(arms: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             "peak_rss_mib": _num(arm.get("peak_rss_mib")),
             "train_seconds": _num(arm.get("train_seconds")),
             "sparsity": _num(arm.get("sparsity")),
+            "sparsity_merged": _num(arm.get("sparsity_merged")),
         }
         bench = _bench_values(arm)
         row.update({k: bench.get(k) for k in bench_keys})

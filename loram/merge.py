@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from loram.prune.artifact import MANIFEST_NAME, atomic_dir, read_manifest
+from loram.models import atomic_dir
+from loram.prune.artifact import MANIFEST_NAME, read_manifest
 from loram.prune.structured import STRUCTURED_METHODS
 from loram.recover import ADAPTER_WEIGHTS
 

@@ -158,8 +158,11 @@ def strip_quantizer(model) -> None:
 
 @contextmanager
 def atomic_dir(out_dir: str | Path):
-    """Yield a temporary directory beside ``out_dir``; on success it replaces ``out_dir``."""
-    out = Path(out_dir)
+    """Yield a fresh temp dir beside ``out_dir``; on success it replaces ``out_dir`` by rename.
+
+    On an exception the temp dir is removed and ``out_dir`` is left as it was.
+    """
+    out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)
@@ -168,11 +171,19 @@ def atomic_dir(out_dir: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    old = None
     if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / out.name, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

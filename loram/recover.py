@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from loram.prune.artifact import MANIFEST_NAME, atomic_dir, read_manifest
+from loram.models import atomic_dir
+from loram.prune.artifact import MANIFEST_NAME, read_manifest
 from loram.prune.common import module_path
 from loram.prune.structured import (
     STRUCTURED_METHODS,

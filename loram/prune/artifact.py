@@ -14,12 +14,9 @@ Layout::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,48 +24,18 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from loram.models import atomic_dir
 from loram.prune.structured import ManifestError, apply_structure, check_manifest, module_indices
 
 MANIFEST_NAME = "loram_manifest.json"
 
 __all__ = [
     "MANIFEST_NAME",
-    "atomic_dir",
     "load_pruned",
     "load_safetensors_dir",
     "read_manifest",
     "save_pruned",
 ]
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temp dir beside ``out_dir``; on success it replaces ``out_dir`` by rename.
-
-    On an exception the temp dir is removed and ``out_dir`` is left as it was.
-    """
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path: str | os.PathLike, config: Any = None) -> dict:

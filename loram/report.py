@@ -577,6 +577,9 @@ def sweep_rows_from_dvc_exp_json(obj: Any, arm: str = "loram") -> list[dict[str,
         metrics = None
         for path, entry in (data.get("metrics") or {}).items():
             d = _file_data(entry)
+            # Training metrics carry the arm name too: take the file with the evaluation.
+            if not ("ppl" in d or "bench" in d):
+                continue
             if d.get("arm") == arm or (d and Path(str(path)).stem == arm and "arm" not in d):
                 metrics = d
                 break

@@ -442,3 +442,21 @@ def test_optional_cost_columns_appear_only_when_reported() -> None:
     assert report.format_value("sparsity", df.at["semi", "sparsity"]) == "50.0%"
     plain = report.results_table([arms[0]])
     assert "sparsity" not in plain.columns and "base_weight_mib" not in plain.columns
+
+
+def test_sweep_parser_skips_training_metrics_of_the_same_arm() -> None:
+    rec = {
+        "rev": "abc",
+        "name": "exp-1",
+        "data": {
+            "params": {"params.yaml": {"data": {"prune": {"ratio": 0.5, "method": "structured"}}}},
+            "metrics": {
+                "metrics/train/loram.json": {"data": {"arm": "loram", "train_seconds": 3.0}},
+                "metrics/arms/loram.json": {"data": {"arm": "loram", "ppl": {"in_domain": 4.5}}},
+            },
+        },
+    }
+    rows = report.sweep_rows_from_dvc_exp_json(
+        [{"rev": "r", "data": rec["data"], "experiments": [{"revs": [rec]}]}]
+    )
+    assert rows and all(r["ppl"] == {"in_domain": 4.5} for r in rows)

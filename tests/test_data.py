@@ -116,6 +116,31 @@ def test_split_is_deterministic_and_disjoint():
     assert len(split_rows(rows, 0.5, 7, 0)[1]) == 7
 
 
+def test_grouped_split_keeps_each_group_on_one_side():
+    # 30 problems x 4 languages, language-major like the embedded MBPP rows
+    rows = [
+        {"prompt": f"{task}-{lang}", "response": "x", "group": f"t{task}"}
+        for lang in "abcd"
+        for task in range(30)
+    ]
+    train, val = split_rows(rows, 0.1, 50, seed=0)
+    assert len(val) == 12
+    val_groups = {r["group"] for r in val}
+    train_groups = {r["group"] for r in train}
+    assert val_groups.isdisjoint(train_groups)
+    # whole groups drawn: 3 groups x 4 rows exactly fill 12, nothing dropped
+    assert len(val_groups) == 3 and len(train) == 108
+    assert len({r["prompt"][-1] for r in val[:6]}) > 1  # a prefix mixes the languages
+    assert split_rows(rows, 0.1, 50, seed=0) == (train, val)
+    assert split_rows(rows, 0.1, 50, seed=1)[1] != val
+    # a cut group: 10 rows wanted, 3 groups drawn (12 rows), 2 dropped, none moved to train
+    train, val = split_rows(rows, 0.1, 10, seed=0)
+    assert len(val) == 10 and len(train) == 108
+    assert {r["group"] for r in val}.isdisjoint({r["group"] for r in train})
+    with pytest.raises(ValueError, match="all 2 groups"):
+        split_rows([{"prompt": "p", "response": "r", "group": g} for g in "aabb"], 0.9, 3, 0)
+
+
 @pytest.mark.parametrize(
     "row, expected",
     [
@@ -171,7 +196,7 @@ def test_local_files_of_each_type(tmp_path):
 def test_missing_sources_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_rows(SourceParams(kind="file", name=str(tmp_path / "missing.jsonl")))
-    with pytest.raises(ValueError, match="unknown; allowed: math, gsm8k, brown, pydoc"):
+    with pytest.raises(ValueError, match="unknown; allowed: math, gsm8k, mbpp, brown, pydoc"):
         load_rows(SourceParams(kind="embedded", name="openhermes"))
     (tmp_path / "x.xml").write_text("<a/>")
     with pytest.raises(ValueError, match="unsupported data file type"):
@@ -184,6 +209,11 @@ def test_embedded_sources_are_real_and_sized():
     gsm = load_rows(SourceParams(kind="embedded", name="gsm8k", split="test"))
     assert len(gsm) == 1319 and all("####" in r["response"] for r in gsm)
     assert len(load_rows(SourceParams(kind="embedded", name="pydoc", format="text"))) > 50
+    mbpp = load_rows(SourceParams(kind="embedded", name="mbpp"))
+    assert len(mbpp) == 5000 and len({r["group"] for r in mbpp}) == 500
+    py = [r for r in mbpp if r["prompt"].endswith("Write it in python.")]
+    assert len(py) == 500 and all("\r" not in r["response"] for r in mbpp)
+    assert any(r["response"].lstrip().startswith("def ") for r in py)
 
 
 def test_brown_detagging():

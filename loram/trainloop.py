@@ -47,6 +47,41 @@ class LoopConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def examples_digest(examples: list[dict]) -> str:
+    """Digest of the token ids and labels of every example, in order."""
+    from array import array
+
+    h = hashlib.sha256()
+    for e in examples:
+        for key in ("input_ids", "labels"):
+            vals = e[key]
+            h.update(len(vals).to_bytes(4, "little"))
+            h.update(array("q", vals).tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_digest(model: torch.nn.Module, samples: int = 4096) -> str:
+    """Digest of a model's starting weights: every parameter's name, shape, dtype and up to
+    ``samples`` evenly spaced values (cheap even for a large model on an accelerator).
+
+    A checkpoint is resumed only into the model it was started from: a re-pruned or re-aligned
+    base (same shapes, other values) must not pick up the old run's trained tensors.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            if flat.numel() == 0:
+                continue
+            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+            vals = flat[idx.to(flat.device)].cpu()
+            if vals.dtype in (torch.bfloat16, torch.float16):
+                vals = vals.float()
+            h.update(vals.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def batch_indices(n: int, step: int, micro: int, accum: int, seed: int) -> list[list[int]]:
     """Micro-batches (lists of example indices) of optimizer step ``step``; epochs reshuffle."""
     per_step = micro * accum
@@ -127,7 +162,14 @@ def train_loop(
     )
 
     ckpt_dir = Path(ckpt_dir)
-    fp = cfg.fingerprint({"n_train": len(train_examples), **(fingerprint_extra or {})})
+    fp = cfg.fingerprint(
+        {
+            "n_train": len(train_examples),
+            "data": examples_digest(train_examples),
+            "weights": weights_digest(model),
+            **(fingerprint_extra or {}),
+        }
+    )
     step, history = _maybe_resume(model, opt, sched, ckpt_dir, fp, named)
     if step >= cfg.max_steps:
         log.info("%s: already finished (%d steps) according to %s", desc, step, ckpt_dir)

@@ -83,6 +83,32 @@ def test_changed_settings_do_not_resume(tmp_path):
     assert [h["step"] for h in hist] == [1, 2]  # started afresh
 
 
+def test_other_start_weights_or_data_do_not_resume(tmp_path):
+    """A re-pruned / re-aligned base (same shapes, other values) or other data starts afresh."""
+    ex = _examples()
+    cfg = LoopConfig(max_steps=2, lr=1e-2, micro_batch=2, save_every=1, eval_every=1)
+    first = _lora_model()
+    train_loop(first, ex, [], cfg, tmp_path, pad_id=0)
+    trained = _trainable(first)
+
+    other = _lora_model()
+    with torch.no_grad():  # one base weight changed, everything else identical
+        other.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight[0, 0] += 1.0
+    hist = train_loop(other, ex, [], cfg, tmp_path, pad_id=0)
+    assert [h["step"] for h in hist] == [1, 2]
+
+    hist = train_loop(_lora_model(), _examples(seed=5), [], cfg, tmp_path, pad_id=0)
+    assert [h["step"] for h in hist] == [1, 2]
+
+    # the same start and data still resume (finished: nothing re-run, the weights come back)
+    train_loop(_lora_model(), ex, [], cfg, tmp_path / "again", pad_id=0)
+    same = _lora_model()
+    hist = train_loop(same, ex, [], cfg, tmp_path / "again", pad_id=0)
+    assert [h["step"] for h in hist] == [1, 2]
+    for k, v in _trainable(same).items():
+        assert torch.equal(v, trained[k]), k
+
+
 def test_align_keeps_sparsity_masks_exact(tmp_path):
     from loram.prune.sparse import prune_sparse
     from loram.train import align_model

@@ -74,7 +74,8 @@ def weights_digest(model: torch.nn.Module, samples: int = 4096) -> str:
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             if flat.numel() == 0:
                 continue
-            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+            n, k = flat.numel(), min(samples, flat.numel())
+            idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)  # exact ints
             vals = flat[idx.to(flat.device)].cpu()
             if vals.dtype in (torch.bfloat16, torch.float16):
                 vals = vals.float()

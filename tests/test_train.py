@@ -83,6 +83,16 @@ def test_changed_settings_do_not_resume(tmp_path):
     assert [h["step"] for h in hist] == [1, 2]  # started afresh
 
 
+def test_weights_digest_samples_large_tensors_exactly():
+    from loram.trainloop import weights_digest
+
+    big = torch.nn.Linear(28311552 // 4096, 4096, bias=False)  # float32 linspace would overflow
+    d1 = weights_digest(big)
+    with torch.no_grad():
+        big.weight.view(-1)[-1] += 1.0  # the last element is always sampled
+    assert weights_digest(big) != d1
+
+
 def test_other_start_weights_or_data_do_not_resume(tmp_path):
     """A re-pruned / re-aligned base (same shapes, other values) or other data starts afresh."""
     ex = _examples()

@@ -105,23 +105,15 @@ def _embedded_mbpp(split: str) -> list[dict]:
     problem's translations all land on the same side of the train / validation split. The
     project benchmarks HumanEval, not MBPP, so training on it contaminates no reported score.
     """
-    rows = []
-    for lang in MBPP_LANGUAGES:
-        seen = set()
-        for doc in _olmo_requests(f"mt_mbpp_{lang}"):
-            task = str(doc["task_id"])
-            if task in seen:
-                continue
-            seen.add(task)
-            name = doc.get("language", lang)
-            rows.append(
-                {
-                    "prompt": f"{doc['text'].strip()} Write it in {name}.",
-                    "response": doc["code"].replace("\r\n", "\n").strip(),
-                    "group": f"mbpp/{task}",
-                }
-            )
-    return rows
+    return [
+        {
+            "prompt": f"{doc['text'].strip()} Write it in {doc.get('language', lang)}.",
+            "response": doc["code"].replace("\r\n", "\n").strip(),
+            "group": f"mbpp/{doc['task_id']}",
+        }
+        for lang in MBPP_LANGUAGES
+        for doc in _olmo_requests(f"mt_mbpp_{lang}")  # one doc per problem (deduplicated there)
+    ]
 
 
 def brown_dir() -> Path:
@@ -328,7 +320,7 @@ def split_rows(rows: list, val_fraction: float, max_val: int, seed: int) -> tupl
     n_val = min(max_val, max(1, math.ceil(len(rows) * val_fraction)))
     if n_val >= len(rows):
         raise ValueError(f"cannot hold out {n_val} validation rows from only {len(rows)}")
-    if not any(isinstance(r, dict) and "group" in r for r in rows):
+    if not any("group" in r for r in rows):
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
         val = [rows[i] for i in order[:n_val]]

@@ -40,13 +40,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import os
+
     from loram.config import ParamsError
+    from loram.errors import LoramError
 
     try:
         rc = args.func(args)
-    except (ParamsError, FileNotFoundError, ValueError) as exc:
+    except (LoramError, ParamsError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        if os.environ.get("LORAM_DEBUG"):
+            raise
         print(f"loram {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:
+        if os.environ.get("LORAM_DEBUG"):
+            raise
+        print(f"loram {args.command}: error: permission denied: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loram {args.command}: interrupted; re-run to resume", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from loram.config import load_params, to_dict
+from loram.errors import ArtifactError
+from loram.fsio import check_output_dir, check_output_file
 
 log = logging.getLogger("loram")
 
@@ -27,19 +29,58 @@ def _setup_logging() -> None:
 
 
 def _write_metrics(path: Path, obj: dict) -> None:
-    from loram.models import atomic_write_json
+    from loram.fsio import atomic_write_json
 
-    atomic_write_json(path, obj)
+    atomic_write_json(check_output_file(path, (".json",), "--metrics"), obj)
     log.info("wrote %s", path)
 
 
 def _read_json(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run the stage that produces it first")
-    return json.loads(path.read_text())
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path} is not valid JSON ({exc}); re-run the stage that makes it"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path} is not a JSON object")
+    return obj
+
+
+def _preflight(a, command: str, inputs: tuple[str, ...] = (), **files) -> None:
+    """Cheap checks before any heavy work: the output paths may be written, metrics/plots
+    paths have the right type. ``files``: option name -> suffixes."""
+    check_output_dir(a.out, command, [getattr(a, k, None) for k in inputs])
+    for opt, suffixes in files.items():
+        value = getattr(a, opt, None)
+        if value:
+            check_output_file(value, suffixes, f"--{opt}")
+
+
+def _need_file(path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(
+            f"{what} {str(path)!r} does not exist; run the stage that makes it (or `dvc checkout`)"
+        )
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def cmd_check(a) -> int:
+    """Validate the whole params file (every section and variant) before any stage runs."""
+    from loram.fsio import atomic_write_json
+
+    load_params(a.params)
+    if a.out:
+        # Same bytes for every valid params file: stages that depend on it do not re-run.
+        atomic_write_json(check_output_file(a.out, (".json",), "--out"), {"valid": True})
+    print(f"{a.params}: ok")
+    return 0
 
 
 def cmd_base(a) -> int:
@@ -47,9 +88,10 @@ def cmd_base(a) -> int:
     from loram.models import count_params, load_model, save_model_dir
 
     p = load_params(a.params, ["base"])["base"]
+    _preflight(a, "base", metrics=(".json",))
     t0 = time.time()
     model, tok = load_model(p.model, p.gguf_file, p.dtype, p.revision)
-    save_model_dir(model, tok, a.out)
+    save_model_dir(model, tok, a.out, command="base")
     _write_metrics(
         Path(a.metrics),
         {
@@ -69,6 +111,7 @@ def cmd_data(a) -> int:
     from loram.models import atomic_dir
 
     p = load_params(a.params, ["data"])["data"]
+    _preflight(a, "data", metrics=(".json",))
     out = Path(a.out)
     train_all = load_rows(p.train)
     if "text" in train_all[0]:
@@ -77,7 +120,7 @@ def cmd_data(a) -> int:
         )
     train, val = split_rows(train_all, p.val_fraction, p.max_val_rows, p.seed)
     stats = {"train": len(train), "val": len(val), "ood": {}}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "data") as tmp:
         _write_data_dir(tmp, p, train, val, stats)
     _write_metrics(Path(a.metrics), stats)
     return 0
@@ -132,18 +175,19 @@ def calibration_batches(tokenizer, rows: list[dict], n: int, seq_len: int, seed:
 def cmd_prune(a) -> int:
     """Prune the base model (structured / random / semi / unstructured) and save the pruned dir."""
     from loram.data import read_jsonl
-    from loram.models import count_params, load_model
+    from loram.models import check_model_dir, count_params, load_model
     from loram.prune.common import pruned_layers
 
     p = load_params(a.params, ["prune"])["prune"]
+    _preflight(a, "prune", ("base", "data"), metrics=(".json",))
+    check_model_dir(a.base, "base model")
+    train_file = _need_file(Path(a.data) / "train.jsonl", "training data")
     model, tok = load_model(a.base)
     layers = pruned_layers(model.config.num_hidden_layers, p.first_layer, p.last_dense)
     crit = p.resolved_criterion
     needs_calib = crit in ("taylor", "wanda", "sparsegpt")
     calib = (
-        calibration_batches(
-            tok, read_jsonl(Path(a.data) / "train.jsonl"), p.calib_samples, p.calib_seq_len, p.seed
-        )
+        calibration_batches(tok, read_jsonl(train_file), p.calib_samples, p.calib_seq_len, p.seed)
         if needs_calib
         else None
     )
@@ -159,7 +203,7 @@ def cmd_prune(a) -> int:
         manifest = prune_structured(
             model, p.ratio, layers, criterion=crit, calib_batches=calib, seed=p.seed
         )
-        save_pruned(model, manifest, a.out, tokenizer=tok)
+        save_pruned(model, manifest, a.out, tokenizer=tok, inputs=[a.base, a.data])
         sparsity = None
     else:
         from loram.prune.artifact import save_pruned
@@ -188,8 +232,14 @@ def cmd_prune(a) -> int:
             m=p.m,
             sparsity=sparsity,
         )
-        save_pruned(model, manifest, a.out, tokenizer=tok)
-        save_masks(Path(a.out) / manifest["masks_file"], masks)
+        save_pruned(
+            model,
+            manifest,
+            a.out,
+            tokenizer=tok,
+            inputs=[a.base, a.data],
+            extra_files={manifest["masks_file"]: lambda path: save_masks(path, masks)},
+        )
     pruned = count_params(model)
     nonzero = pruned - int(sparsity["pruned"]["zeros"]) if sparsity is not None else None
     _write_metrics(
@@ -222,33 +272,39 @@ def _load_pruned_with_masks(pruned_dir: str):
 
 def cmd_align(a) -> int:
     """Offline continual pre-training of the pruned model (or a pass-through when disabled)."""
-    from transformers import AutoTokenizer
-
     from loram.data import read_jsonl
-    from loram.prune.artifact import save_pruned
+    from loram.models import load_tokenizer
+    from loram.prune.artifact import read_manifest, save_pruned
     from loram.train import align_model, write_loss_csv
 
     p = load_params(a.params, ["align"])["align"]
+    _preflight(a, "align", ("pruned", "data"), metrics=(".json",), plots=(".csv",))
+    read_manifest(a.pruned)  # a pruned directory, or a clear error
     out = Path(a.out)
     if not p.enabled:
-        from loram.models import atomic_dir
+        from loram.fsio import atomic_dir
 
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, "align", [a.pruned]) as tmp:
             shutil.copytree(a.pruned, tmp, dirs_exist_ok=True)
         _write_metrics(Path(a.metrics), {"enabled": False})
         write_loss_csv(a.plots, [], "align")
         return 0
+    texts = [r["text"] for r in read_jsonl(_need_file(Path(a.data) / "align.jsonl", "data"))]
+    val_texts = [
+        r["text"] for r in read_jsonl(_need_file(Path(a.data) / "align_val.jsonl", "data"))
+    ]
     model, manifest, masks = _load_pruned_with_masks(a.pruned)
-    tok = AutoTokenizer.from_pretrained(a.pruned)
-    texts = [r["text"] for r in read_jsonl(Path(a.data) / "align.jsonl")]
-    val_texts = [r["text"] for r in read_jsonl(Path(a.data) / "align_val.jsonl")]
+    tok = load_tokenizer(a.pruned)
     res = align_model(model, tok, texts, p, a.checkpoints, masks=masks, val_texts=val_texts)
     manifest = dict(manifest, aligned={"steps": p.max_steps, "tokens": res["tokens"], "lr": p.lr})
-    save_pruned(model, manifest, out, tokenizer=tok)
+    extra = {}
     if masks:
         from loram.prune.masks import save_masks
 
-        save_masks(out / manifest["masks_file"], masks)
+        extra[manifest["masks_file"]] = lambda path: save_masks(path, masks)
+    save_pruned(
+        model, manifest, out, tokenizer=tok, command="align", inputs=[a.pruned], extra_files=extra
+    )
     write_loss_csv(a.plots, res.pop("history"), "align")
     _write_metrics(Path(a.metrics), {"enabled": True, **res})
     return 0
@@ -259,30 +315,42 @@ def _load_trainable_base(path: str):
     if (Path(path) / "loram_manifest.json").exists():
         model, manifest, _ = _load_pruned_with_masks(path)
         return model, manifest
-    from transformers import AutoModelForCausalLM
+    from loram.models import load_hf_model
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype="float32"), None
+    return load_hf_model(path, "float32"), None
 
 
 def run_train(
     model_dir: str, data_dir: str, p, out: str, checkpoints: str, arm: str, plots: str
 ) -> dict:
-    from transformers import AutoTokenizer
-
     from loram.data import read_jsonl
-    from loram.models import atomic_dir, count_params
+    from loram.fsio import atomic_dir, dumps
+    from loram.models import count_params, load_tokenizer
     from loram.train import train_lora, write_loss_csv
 
+    check_output_dir(out, "train", [model_dir, data_dir])
+    check_output_file(plots, (".csv",), "--plots")
+    train_rows = read_jsonl(_need_file(Path(data_dir) / "train.jsonl", "training data"))
+    val_rows = read_jsonl(_need_file(Path(data_dir) / "val.jsonl", "validation data"))
+    if not Path(model_dir).is_dir():
+        raise ArtifactError(f"model directory {model_dir!r} does not exist")
+    trained_on: dict = {"model_dir": str(model_dir)}
+    if (Path(model_dir) / "loram_manifest.json").exists():
+        from loram.prune.artifact import structure_digest
+
+        trained_on["structure"] = structure_digest(model_dir)
     model, manifest = _load_trainable_base(model_dir)
     original = (manifest or {}).get("params", {}).get("original") or count_params(model)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    train_rows = read_jsonl(Path(data_dir) / "train.jsonl")
-    val_rows = read_jsonl(Path(data_dir) / "val.jsonl")
-    with atomic_dir(out) as tmp:
+    tok = load_tokenizer(model_dir)
+    with atomic_dir(out, "train", [model_dir, data_dir]) as tmp:
         res = train_lora(model, tok, train_rows, val_rows, p, tmp, checkpoints)
-        (tmp / "loram_train.json").write_text(
-            json.dumps({"arm": arm, "train": to_dict(p), "pruned": manifest is not None})
-        )
+        provenance = {
+            "arm": arm,
+            "train": to_dict(p),
+            "pruned": manifest is not None,
+            "trained_on": trained_on,
+        }
+        (tmp / "loram_train.json").write_text(dumps(provenance), encoding="utf-8")
     write_loss_csv(plots, res.pop("history"), arm)
     res.update(arm=arm, params_original=original, reduction=round(original / res["params_held"], 4))
     if manifest is not None:
@@ -297,6 +365,7 @@ def run_train(
 def cmd_train(a) -> int:
     """Train LoRA (QLoRA with train.quantize: nf4) on the (aligned) pruned model or a plain model."""
     p = load_params(a.params, ["train"])["train"]
+    check_output_file(a.metrics, (".json",), "--metrics")
     res = run_train(a.model, a.data, p, a.out, a.checkpoints, a.arm, a.plots)
     _write_metrics(Path(a.metrics), res)
     return 0
@@ -307,6 +376,7 @@ def cmd_recover(a) -> int:
     from loram.recover import recover_adapter
 
     p = load_params(a.params, ["recover"])["recover"]
+    _preflight(a, "recover", ("adapter", "pruned", "base"))
     recover_adapter(
         a.adapter, a.pruned, a.out, base_model_path=a.base, norm_a=p.norm_a, seed=p.seed
     )
@@ -317,11 +387,25 @@ def cmd_merge(a) -> int:
     """Merge the recovered adapter into the original model (or, for sparse variants with
     merge.target: pruned, into the sparse model); report the sparsity of the pruned layers."""
     from loram.merge import merge_to_dir
+    from loram.models import check_adapter_dir
     from loram.prune.artifact import read_manifest
+    from loram.recover import check_provenance, read_provenance
 
     params = load_params(a.params, ["recover", "merge"])
     mp = params["merge"]
-    manifest = read_manifest(a.pruned) if a.pruned not in ("", "none") else {}
+    _preflight(a, "merge", ("base", "adapter", "pruned"), metrics=(".json",))
+    check_adapter_dir(a.adapter)
+    has_pruned = a.pruned not in ("", "none")
+    manifest = read_manifest(a.pruned) if has_pruned else {}
+    prov = read_provenance(a.adapter) or {}
+    if prov.get("pruned") and not prov.get("recovered"):
+        raise ArtifactError(
+            f"adapter {a.adapter!r} has the shapes of the pruned model it was trained on "
+            f"({(prov.get('trained_on') or {}).get('model_dir', '?')}); recover it first with "
+            "`loram recover`"
+        )
+    if has_pruned:
+        check_provenance(a.adapter, a.pruned, recovered=True)
     masks = None
     if manifest.get("masks_file"):
         from loram.prune.masks import load_masks
@@ -343,18 +427,20 @@ def cmd_merge(a) -> int:
     if masks is not None:
         from transformers import AutoModelForCausalLM
 
-        from loram.prune.sparse import sparsity_report
+        from loram.prune.sparse import mask_sparsity, sparsity_report
 
         merged = AutoModelForCausalLM.from_pretrained(a.out)
         after = sparsity_report(merged, masks)
-        before = manifest["sparsity"]["pruned"]["sparsity"]
-        val = after["pruned"]["sparsity"]
+        vs_mask = mask_sparsity(merged, masks)
+        before = vs_mask["mask_sparsity"]
+        val = vs_mask["sparsity"]
         info.update(
             sparsity_before_merge=manifest.get("sparsity"),
             sparsity_after_merge=after,
             sparsity_pruned_before=before,
             sparsity_pruned_after=val,
-            densified=bool(val < before - 1e-9),
+            pruned_positions_nonzero=vs_mask["pruned_nonzero"],
+            densified=vs_mask["pruned_nonzero"] > 0,
         )
         if mp.target == "original":
             log.info(
@@ -364,8 +450,10 @@ def cmd_merge(a) -> int:
             )
         elif info["densified"]:
             log.warning(
-                "merging densified the sparse model (sparsity %.4f -> %.4f): B·A fills pruned "
-                "weights; set recover.mask_update: true to keep the sparsity pattern",
+                "merging densified the sparse model: %d pruned weights are non-zero (sparsity "
+                "of the mask %.4f, of the merged model at the mask's positions %.4f); set "
+                "recover.mask_update: true to keep the sparsity pattern",
+                vs_mask["pruned_nonzero"],
                 before,
                 val,
             )
@@ -378,26 +466,31 @@ def evaluate_arm(
 ) -> dict:
     """Perplexities and lm-eval benchmarks of one model (a merged dir, or pruned dir + adapter)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loram.data import read_jsonl
     from loram.evaluate.perplexity import perplexity
+    from loram.models import check_adapter_dir, load_hf_model, load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    data = Path(data_dir)
+    for name in ("val.jsonl", "align_val.jsonl"):
+        _need_file(data / name, "evaluation data")
+    if adapter:
+        check_adapter_dir(adapter)
     if (Path(model_dir) / "loram_manifest.json").exists():
         model, _, _ = _load_pruned_with_masks(model_dir)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = load_hf_model(model_dir, "float32")
+    tok = load_tokenizer(tokenizer_dir or model_dir)
     if adapter:
         from peft import PeftModel
 
+        from loram.merge import precheck_adapter
+
+        precheck_adapter(model, adapter)
         model = PeftModel.from_pretrained(model, adapter)
     from loram.models import default_device
 
     model.to(default_device()).eval()
-    data = Path(data_dir)
     sets = {"in_domain": read_jsonl(data / "val.jsonl")[: p.ppl_max_rows]}
     for f in sorted(data.glob("ood_*.jsonl")):
         sets[f.stem] = read_jsonl(f)[: p.ppl_max_rows]
@@ -453,6 +546,12 @@ ARM_FIELDS = (
 def cmd_evaluate(a) -> int:
     """Evaluate one arm: perplexities and benchmarks, joined with its training cost."""
     p = load_params(a.params, ["eval"])["eval"]
+    check_output_file(a.out, (".json",), "--out")
+    for opt in ("train_metrics", "merge_metrics"):
+        if getattr(a, opt):
+            check_output_file(getattr(a, opt), (".json",), f"--{opt.replace('_', '-')}")
+    if a.train_metrics:
+        _read_json(Path(a.train_metrics))
     res = evaluate_arm(a.model, a.adapter or None, a.data, p, tokenizer_dir=a.tokenizer or None)
     arm = {"arm": a.arm, "kind": a.kind, "description": a.description}
     if a.train_metrics:
@@ -477,6 +576,11 @@ def cmd_variant(a) -> int:
     from loram.models import save_model_dir
 
     allp = load_params(a.params)
+    if not a.name:
+        raise ValueError(
+            "loram variant needs --name NAME, one of params.yaml variants: "
+            + (", ".join(sorted(allp["variants"])) or "(none defined)")
+        )
     if a.name not in allp["variants"]:
         raise ValueError(
             f"variant {a.name!r} is not in params.yaml variants: {sorted(allp['variants'])}"
@@ -484,8 +588,12 @@ def cmd_variant(a) -> int:
     v = allp["variants"][a.name]
     spec = v["spec"]
     root = Path(a.out) / a.name
+    check_output_dir(root, "variant", [a.base, a.data])
     work = root / "work"
     work.mkdir(parents=True, exist_ok=True)
+    from loram.fsio import MARKER, dumps
+
+    (root / MARKER).write_text(dumps({"command": "variant", "format": 1}), encoding="utf-8")
     mdir = MET / "variants" / a.name
     base_dir = a.base
     if spec.kind == "lora" or v["base"] != allp["base"]:
@@ -494,7 +602,7 @@ def cmd_variant(a) -> int:
         bp = v["base"]
         model, tok = load_model(bp.model, bp.gguf_file, bp.dtype, bp.revision)
         base_dir = str(work / "base")
-        save_model_dir(model, tok, base_dir)
+        save_model_dir(model, tok, base_dir, command="base")
         del model
     if spec.kind == "lora":
         tm = run_train(
@@ -617,6 +725,7 @@ def add_parser(sub) -> None:
 
         sp.set_defaults(func=run)
 
+    stage("check", cmd_check, cmd_check.__doc__, out="")
     stage("base", cmd_base, cmd_base.__doc__, out=f"{ART}/base", metrics=f"{MET}/base.json")
     stage("data", cmd_data, cmd_data.__doc__, out=f"{ART}/data", metrics=f"{MET}/data.json")
     stage(

@@ -240,6 +240,8 @@ class AlignParams:
     weight_decay: float = 0.0
     train_embeddings: bool = False
     save_every: int = 50
+    keep_checkpoint: bool = False
+    """Keep the last checkpoint after the run completes (false: delete it, saving disk)."""
     max_val_blocks: int = 16
     seed: int = 0
 
@@ -271,6 +273,8 @@ class TrainParams:
     max_steps: int = 60
     seq_len: int = 256
     save_every: int = 20
+    keep_checkpoint: bool = False
+    """Keep the last checkpoint after the run completes (false: delete it, saving disk)."""
     eval_every: int = 20
     max_val_rows: int = 32
     """Validation rows scored every ``eval_every`` steps (the rest is for the evaluate stage)."""

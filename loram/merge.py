@@ -9,6 +9,7 @@ exactly as they are in the base.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,10 +18,16 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from loram.models import atomic_dir
+from loram.errors import ArtifactError
+from loram.fsio import atomic_dir
+from loram.models import check_adapter_dir, check_safetensors, load_hf_model
 from loram.prune.artifact import MANIFEST_NAME, read_manifest
 from loram.prune.structured import STRUCTURED_METHODS
-from loram.recover import ADAPTER_WEIGHTS
+from loram.recover import ADAPTER_WEIGHTS, read_provenance
+
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
+)
 
 __all__ = ["merge_adapter", "merge_to_dir"]
 
@@ -61,6 +68,45 @@ def _check_adapter_fits(peft_model, adapter_dir: Path) -> None:
             )
 
 
+def precheck_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+    """Before peft loads it: every LoRA matrix must fit the module it adapts in ``model``.
+
+    An adapter still in the pruned model's shapes (not recovered), or one trained on another
+    model, is refused with the first mismatch and both shapes, instead of peft's pages of
+    size-mismatch lines.
+    """
+    adapter_dir = Path(adapter_dir)
+    header = check_safetensors(adapter_dir / ADAPTER_WEIGHTS)
+    modules = dict(model.named_modules())
+    prov = read_provenance(adapter_dir) or {}
+    unrecovered = prov.get("pruned") and not prov.get("recovered")
+    for key in sorted(k for k in header if k != "__metadata__"):
+        m = _LORA_KEY.match(key)
+        if m is None:
+            continue
+        mod = modules.get(m["module"])
+        if mod is None:
+            raise ArtifactError(
+                f"adapter {str(adapter_dir)!r}: {key} adapts {m['module']}, which the model does "
+                "not have (an adapter for another architecture?)"
+            )
+        shape = tuple(header[key]["shape"])
+        w = getattr(mod, "weight", None)
+        if w is None or w.ndim != 2 or len(shape) != 2:
+            continue
+        want = (shape[0], w.shape[1]) if m["kind"] == "lora_A" else (w.shape[0], shape[1])
+        if shape != want:
+            why = (
+                "it was trained on a pruned model and not recovered: run `loram recover` first"
+                if unrecovered
+                else "was it trained on another model, or not recovered after pruning?"
+            )
+            raise ArtifactError(
+                f"adapter {str(adapter_dir)!r}: {key} has shape {shape} but the model's "
+                f"{m['module']} (weight {tuple(w.shape)}) needs {want}; {why}"
+            )
+
+
 def merge_adapter(
     model: nn.Module,
     adapter_dir: str | os.PathLike,
@@ -75,8 +121,8 @@ def merge_adapter(
     from peft.tuners.lora import LoraLayer
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}")
+    check_adapter_dir(adapter_dir)
+    precheck_adapter(model, adapter_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     _check_adapter_fits(peft_model, adapter_dir)
     if not masks:
@@ -114,6 +160,18 @@ def merge_adapter(
     return peft_model.unload()
 
 
+def _precheck_on_meta(base_dir, adapter_dir) -> None:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from loram.models import check_model_dir, load_config
+
+    check_model_dir(base_dir, "base model")
+    with init_empty_weights(include_buffers=False):
+        meta = AutoModelForCausalLM.from_config(load_config(base_dir))
+    precheck_adapter(meta, adapter_dir)
+
+
 def merge_to_dir(
     base_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -126,8 +184,6 @@ def merge_to_dir(
     The result (safetensors + config, + tokenizer files if ``base_dir`` has them) loads with
     ``AutoModelForCausalLM.from_pretrained`` without peft. Written atomically.
     """
-    from transformers import AutoModelForCausalLM
-
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype = {dtype!r}; expected one of {', '.join(_DTYPES)}")
@@ -140,9 +196,11 @@ def merge_to_dir(
                 f"{base_dir} is a {method}-pruned model: merge the recovered adapter into the "
                 "original, unpruned model"
             )
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    check_adapter_dir(adapter_dir)
+    _precheck_on_meta(base_dir, adapter_dir)  # a mismatch fails before the model is loaded
+    model = load_hf_model(base_dir, torch.float32, what="base model")
     merged = merge_adapter(model, adapter_dir, masks).to(dtype)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "merge", [base_dir, adapter_dir]) as tmp:
         merged.save_pretrained(tmp)
         for name in _TOKENIZER_FILES:
             if (base_dir / name).is_file():

@@ -6,13 +6,16 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from loram.errors import ArtifactError, LoramError
+from loram.fsio import atomic_dir, atomic_write_json, atomic_write_text, dumps
+
+__all__ = ["atomic_dir", "atomic_write_json", "atomic_write_text", "load_model", "load_hf_model"]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def load_model(
     GGUF weights are dequantized to ``dtype``; the GGUF quantizer is dropped so the model
     saves as a plain checkpoint.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src = resolve_source(model, gguf_file)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -118,20 +121,224 @@ def load_model(
         src.path,
         f" ({src.gguf_file})" if src.gguf_file else "",
     )
-    with _quiet_transformers():
-        m = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-        tok = None
-        if with_tokenizer:
-            tkw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-            if revision:
-                tkw["revision"] = revision
-            tok = AutoTokenizer.from_pretrained(src.path, **tkw)
+    if src.kind == "dir":
+        check_model_dir(src.path)
+        check_shapes_against_config(src.path)
+    try:
+        with _quiet_transformers():
+            m = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        if src.kind == "hub":
+            raise LoramError(
+                f"model {model!r} is not found locally and the hub is unreachable or has no such "
+                f"model: {_first_line(exc)}"
+            ) from None
+        raise ArtifactError(f"cannot load the model {model!r}: {_first_line(exc)}") from None
+    tok = load_tokenizer(src.path, src.gguf_file, revision) if with_tokenizer else None
     if src.gguf_file:
         strip_quantizer(m)
-    if tok is not None and tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     m.eval()
     return m, tok
+
+
+RESTORE_HINT = (
+    "if it is a DVC output, restore it with `dvc checkout` or re-run the stage that makes it"
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_safetensors(path: str | Path) -> dict:
+    """Validate a safetensors file's header and length; return its header.
+
+    A truncated or corrupt file raises :class:`ArtifactError` naming the file (the safetensors
+    library's own error names neither the file nor the cause).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p} does not exist; {RESTORE_HINT}")
+    size = p.stat().st_size
+
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"{p} is not a valid safetensors file ({why}); {RESTORE_HINT}")
+
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"only {size} bytes")
+        n = int.from_bytes(head, "little")
+        if n <= 1 or 8 + n > size:
+            raise bad("truncated header")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise bad(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            end = max(end, int(v["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise bad(f"no data offsets for tensor {k!r}") from None
+    if 8 + n + end != size:
+        raise bad(f"{size} bytes on disk but the header describes {8 + n + end}: truncated")
+    return header
+
+
+def weight_files(d: str | Path, prefix: str = "model") -> list[Path]:
+    """The safetensors files of a model directory (single file or the shards of an index)."""
+    d = Path(d)
+    single, index = d / f"{prefix}.safetensors", d / f"{prefix}.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(
+                f"{index} is not a valid safetensors index ({_first_line(exc)}); {RESTORE_HINT}"
+            ) from None
+        return [d / n for n in names]
+    return []
+
+
+def check_model_dir(path: str | Path, what: str = "model") -> Path:
+    """A transformers model directory with a readable config and complete weights, or an error
+    that names the directory or file and what is wrong with it."""
+    raw = str(path)
+    p = Path(path).expanduser()
+    if not raw or not p.exists():
+        raise ArtifactError(f"{what} directory {raw!r} does not exist")
+    if not p.is_dir():
+        raise ArtifactError(f"{what} {raw!r} is not a directory (expected a model directory)")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise ArtifactError(
+            f"{what} directory {raw!r} has no config.json (expected a Hugging Face model dir)"
+        )
+    try:
+        conf = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"{cfg} is not valid JSON ({exc}); {RESTORE_HINT}") from None
+    if not isinstance(conf, dict) or "model_type" not in conf:
+        raise ArtifactError(f"{cfg} has no model_type: not a transformers model config")
+    files = weight_files(p)
+    if not files and not any((p / n).is_file() for n in ("pytorch_model.bin",)):
+        raise ArtifactError(
+            f"{what} directory {raw!r} holds no weights (model.safetensors or "
+            "model.safetensors.index.json); " + RESTORE_HINT
+        )
+    for f in files:
+        check_safetensors(f)
+    return p
+
+
+def load_config(path: str | Path):
+    from transformers import AutoConfig
+
+    try:
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"cannot read the model config in {path}: {_first_line(exc)}") from None
+
+
+def check_shapes_against_config(path: str | Path, config=None) -> None:
+    """Every stored tensor must have the shape the directory's config.json implies.
+
+    Catches a pruned model whose ``loram_manifest.json`` is missing (its weights are smaller
+    than its config says) before transformers fails with pages of size-mismatch lines.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    config = config or load_config(p)
+    with init_empty_weights(include_buffers=False), _quiet_transformers():
+        meta = AutoModelForCausalLM.from_config(config)
+    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    for f in weight_files(p):
+        for k, info in check_safetensors(f).items():
+            if k == "__metadata__" or k not in want:
+                continue
+            got = tuple(info.get("shape", ()))
+            if got != want[k]:
+                hint = ""
+                if (p / "loram_manifest.json").is_file() is False and sum(got) < sum(want[k]):
+                    hint = (
+                        "; it looks like a pruned model whose loram_manifest.json is missing "
+                        f"({RESTORE_HINT})"
+                    )
+                raise ArtifactError(
+                    f"{f}: tensor {k} has shape {got} but {p / 'config.json'} implies "
+                    f"{want[k]}{hint}"
+                )
+
+
+def load_hf_model(path: str | Path, dtype: str | torch.dtype = "float32", what: str = "model"):
+    """Load a plain transformers model directory, with clear errors for broken directories."""
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_dir(path, what)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    config = load_config(p)
+    check_shapes_against_config(p, config)
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot load the {what} in {path}: {_first_line(exc)}") from None
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path, gguf_file: str | None = None, revision: str | None = None):
+    """The tokenizer of a model directory (pad token = EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    kw: dict = {}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    if revision:
+        kw["revision"] = revision
+    try:
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"cannot load the tokenizer in {path}: {_first_line(exc)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_adapter_dir(path: str | Path, what: str = "adapter") -> dict:
+    """A peft LoRA adapter directory (config + safetensors weights); returns its config."""
+    raw = str(path)
+    p = Path(path).expanduser()
+    if not raw or not p.is_dir():
+        raise ArtifactError(f"{what} directory {raw!r} does not exist")
+    cfg = p / "adapter_config.json"
+    if not cfg.is_file():
+        raise ArtifactError(f"no adapter_config.json in {raw!r}: not a peft adapter directory")
+    try:
+        conf = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"{cfg} is not valid JSON ({exc}); {RESTORE_HINT}") from None
+    if not isinstance(conf, dict):
+        raise ArtifactError(f"{cfg} is not a JSON object")
+    w = p / "adapter_model.safetensors"
+    if not w.is_file():
+        raise ArtifactError(
+            f"no adapter_model.safetensors in {raw!r}: not a peft adapter directory (safetensors)"
+        )
+    check_safetensors(w)
+    return conf
 
 
 def default_device() -> str:
@@ -156,57 +363,21 @@ def strip_quantizer(model) -> None:
     model.config._name_or_path = ""
 
 
-@contextmanager
-def atomic_dir(out_dir: str | Path):
-    """Yield a fresh temp dir beside ``out_dir``; on success it replaces ``out_dir`` by rename.
-
-    On an exception the temp dir is removed and ``out_dir`` is left as it was.
-    """
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old / out.name, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def save_model_dir(model, tokenizer, out_dir: str | Path, extra_files: dict | None = None) -> Path:
+def save_model_dir(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    extra_files: dict | None = None,
+    command: str = "base",
+    inputs=(),
+) -> Path:
     """Save a plain safetensors HF model directory (+ tokenizer) atomically."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, command, inputs) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+            (tmp / name).write_text(dumps(obj), encoding="utf-8")
     return Path(out_dir)
 
 

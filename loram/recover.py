@@ -21,6 +21,7 @@ had no weights at all.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,8 +32,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from loram.models import atomic_dir
-from loram.prune.artifact import MANIFEST_NAME, read_manifest
+from loram.errors import ArtifactError
+from loram.fsio import atomic_dir, dumps
+from loram.models import check_adapter_dir
+from loram.prune.artifact import MANIFEST_NAME, read_manifest, structure_digest
 from loram.prune.common import module_path
 from loram.prune.structured import (
     STRUCTURED_METHODS,
@@ -44,8 +47,70 @@ from loram.prune.structured import (
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+PROVENANCE = "loram_train.json"
+"""Written by ``train`` into the adapter dir: the arm, the settings and, for an adapter trained
+on a pruned model, the structure digest of that model (``trained_on.structure``)."""
 
-__all__ = ["recover_adapter", "recover_state_dict"]
+
+def read_provenance(adapter_dir: str | os.PathLike) -> dict | None:
+    """The adapter's ``loram_train.json``, or None for an adapter made elsewhere."""
+    f = Path(adapter_dir) / PROVENANCE
+    if not f.is_file():
+        return None
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"{f} is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{f} is not a JSON object")
+    return obj
+
+
+def check_provenance(adapter_dir, pruned_dir, *, recovered: bool) -> None:
+    """Refuse an adapter that was not trained on (``recovered=False``) or recovered against
+    (``recovered=True``) the pruned model in ``pruned_dir``; both are named in the error."""
+    prov = read_provenance(adapter_dir)
+    if prov is None:
+        log.warning(
+            "%s has no %s (an adapter made outside loram): cannot check which pruned model it "
+            "was trained on; only its shapes are checked",
+            adapter_dir,
+            PROVENANCE,
+        )
+        return
+    want = structure_digest(pruned_dir)
+    if recovered:
+        got = (prov.get("recovered") or {}).get("structure")
+        if got is None:
+            return
+        trained = (prov.get("recovered") or {}).get("pruned_dir", "?")
+    else:
+        if prov.get("recovered"):
+            raise ArtifactError(
+                f"adapter {str(adapter_dir)!r} is already recovered to the original shapes; "
+                "merge it instead of recovering it again"
+            )
+        if not prov.get("pruned", (prov.get("trained_on") or {}).get("structure")):
+            raise ArtifactError(
+                f"adapter {str(adapter_dir)!r} was trained on an unpruned model; there is nothing "
+                "to recover (merge it directly)"
+            )
+        got = (prov.get("trained_on") or {}).get("structure")
+        trained = (prov.get("trained_on") or {}).get("model_dir", "?")
+        if got is None:
+            log.warning("%s records no structure digest; only shapes are checked", adapter_dir)
+            return
+    if got != want:
+        raise ArtifactError(
+            f"adapter {str(adapter_dir)!r} was trained on the pruned model {trained!r} (structure "
+            f"{got}), but {str(pruned_dir)!r} has structure {want}: a different pruning "
+            "(method, criterion, ratio or seed); recover against the model it was trained on"
+        )
+
+
+__all__ = ["check_provenance", "read_provenance", "recover_adapter", "recover_state_dict"]
+
+log = logging.getLogger(__name__)
 
 # <prefix>.layers.<i>.<self_attn|mlp>.<proj>.<lora_A|lora_B>[.<adapter>].<weight|bias>
 _KEY = re.compile(
@@ -149,9 +214,9 @@ def _resolve_manifest(manifest_or_dir: Mapping | str | os.PathLike) -> tuple[dic
     config = None
     d = p if p.is_dir() else p.parent
     if (d / "config.json").is_file() and (d / MANIFEST_NAME).is_file():
-        from transformers import AutoConfig
+        from loram.models import load_config
 
-        config = AutoConfig.from_pretrained(d)
+        config = load_config(d)
     return read_manifest(p, config), config
 
 
@@ -170,20 +235,17 @@ def recover_adapter(
     is a local directory, its config is checked against the manifest.
     """
     src = Path(pruned_adapter_dir)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (src / name).is_file():
-            raise FileNotFoundError(
-                f"no {name} in {src}: not a peft adapter directory (safetensors)"
-            )
+    adapter_cfg = check_adapter_dir(src)
     manifest, config = _resolve_manifest(manifest_or_pruned_dir)
+    if not isinstance(manifest_or_pruned_dir, Mapping):
+        check_provenance(src, manifest_or_pruned_dir, recovered=False)
     if base_model_path is not None and (Path(base_model_path) / "config.json").is_file():
-        from transformers import AutoConfig
+        from loram.models import load_config
 
-        config = AutoConfig.from_pretrained(base_model_path)
+        config = load_config(base_model_path)
     if config is not None:
         check_manifest(manifest, config)
 
-    adapter_cfg = json.loads((src / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     if adapter_cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(
             f"{src}: peft_type = {adapter_cfg.get('peft_type')!r}; only LoRA is recoverable"
@@ -201,12 +263,23 @@ def recover_adapter(
         load_file(str(src / ADAPTER_WEIGHTS)), manifest, config, norm_a, seed, keep_base_weights
     )
 
-    with atomic_dir(out_dir) as tmp:
+    prov = read_provenance(src)
+    inputs = [src, base_model_path]
+    if not isinstance(manifest_or_pruned_dir, Mapping):
+        inputs.append(manifest_or_pruned_dir)
+    with atomic_dir(out_dir, "recover", inputs) as tmp:
         for f in src.iterdir():
-            if f.is_file() and f.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if f.is_file() and f.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE):
                 shutil.copy2(f, tmp / f.name)
-        (tmp / ADAPTER_CONFIG).write_text(
-            json.dumps(adapter_cfg, indent=2) + "\n", encoding="utf-8"
-        )
+        (tmp / ADAPTER_CONFIG).write_text(dumps(adapter_cfg), encoding="utf-8")
+        if not isinstance(manifest_or_pruned_dir, Mapping):
+            prov = dict(prov or {})
+            prov["recovered"] = {
+                "structure": structure_digest(manifest_or_pruned_dir),
+                "pruned_dir": str(manifest_or_pruned_dir),
+                "norm_a": norm_a,
+            }
+        if prov is not None:
+            (tmp / PROVENANCE).write_text(dumps(prov), encoding="utf-8")
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / ADAPTER_WEIGHTS), metadata)
     return Path(out_dir)

@@ -41,7 +41,37 @@ def _loop_config(p, eval_every: int | None = None) -> LoopConfig:
         save_every=p.save_every,
         eval_every=eval_every or getattr(p, "eval_every", p.save_every),
         seed=p.seed,
+        keep_checkpoint=p.keep_checkpoint,
     )
+
+
+def lora_settings(p: TrainParams) -> dict:
+    """The LoRA settings that shape the adapter (targets sorted: peft keeps them as a set)."""
+    return {
+        "r": p.r,
+        "alpha": p.alpha,
+        "dropout": p.dropout,
+        "targets": sorted(set(p.targets) | ({"lm_head"} if p.lm_head else set())),
+    }
+
+
+def save_adapter(peft_model, out_dir) -> None:
+    """``save_pretrained`` plus a canonical ``adapter_config.json``.
+
+    peft keeps ``target_modules`` as a set, so its JSON order changes from process to process;
+    sorted keys and lists make two runs with the same inputs write byte-identical files.
+    """
+    import json
+
+    from loram.fsio import dumps
+
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    cfg = Path(out_dir) / "adapter_config.json"
+    obj = json.loads(cfg.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules"):  # sets in peft, lists in the JSON
+        if isinstance(obj.get(key), list):
+            obj[key] = sorted(obj[key])
+    cfg.write_text(dumps(obj), encoding="utf-8")
 
 
 def peak_rss_mib() -> float:
@@ -78,12 +108,12 @@ def train_lora(
         _loop_config(p),
         ckpt_dir,
         pad,
-        fingerprint_extra={"lora": lora_config(p).to_dict().__repr__(), "quantize": p.quantize},
+        fingerprint_extra={"lora": lora_settings(p), "quantize": p.quantize},
         desc="lora",
     )
     seconds = time.time() - t0
     samples = p.max_steps * p.micro_batch * p.grad_accum
-    peft_model.save_pretrained(str(adapter_out), safe_serialization=True)
+    save_adapter(peft_model, adapter_out)
     return {
         "history": history,
         "train_seconds": round(seconds, 2),

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from loram.data import collate
+from loram.errors import ArtifactError
+from loram.fsio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,12 @@ class LoopConfig:
     eval_every: int = 50
     seed: int = 0
     max_grad_norm: float = 1.0
+    keep_checkpoint: bool = False
 
     def fingerprint(self, extra: dict | None = None) -> str:
-        blob = json.dumps({**asdict(self), **(extra or {})}, sort_keys=True, default=str)
+        """Digest of the settings that shape the run (sets sorted: stable across processes)."""
+        settings = {k: v for k, v in asdict(self).items() if k != "keep_checkpoint"}
+        blob = dumps({**settings, **(extra or {})}, indent=None)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -171,9 +176,11 @@ def train_loop(
             **(fingerprint_extra or {}),
         }
     )
+    _clean_partial(ckpt_dir)
     step, history = _maybe_resume(model, opt, sched, ckpt_dir, fp, named)
     if step >= cfg.max_steps:
         log.info("%s: already finished (%d steps) according to %s", desc, step, ckpt_dir)
+        _finish(ckpt_dir, cfg)
         return history
 
     model.train()
@@ -215,6 +222,7 @@ def train_loop(
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             _save_checkpoint(model, opt, sched, ckpt_dir, fp, step, history, named)
     bar.close()
+    _finish(ckpt_dir, cfg)
     log.info(
         "%s: %d steps in %.1fs (%s tokens in the last step)",
         desc,
@@ -251,34 +259,77 @@ def _save_checkpoint(model, opt, sched, ckpt_dir: Path, fp: str, step: int, hist
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _clean_partial(ckpt_dir: Path) -> None:
+    """Remove the half-written ``.tmp-STEP`` / ``.old`` directories of a killed run."""
+    if not ckpt_dir.is_dir():
+        return
+    for leftover in [*ckpt_dir.glob(".tmp-*"), ckpt_dir / ".old"]:
+        if leftover.is_dir():
+            log.info("removing the partial checkpoint %s of an interrupted run", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _finish(ckpt_dir: Path, cfg: LoopConfig) -> None:
+    """A completed run keeps its last checkpoint only if asked (``keep_checkpoint``)."""
+    if cfg.keep_checkpoint:
+        return
+    last = ckpt_dir / "last"
+    if last.is_dir():
+        shutil.rmtree(last, ignore_errors=True)
+        log.info("run complete: removed its checkpoint %s (keep_checkpoint: false)", last)
+
+
+def _set_aside(ckpt_dir: Path, why: str) -> None:
+    """Move a corrupt checkpoint to ``last.corrupt`` (replacing an older one) and say so."""
+    last, aside = ckpt_dir / "last", ckpt_dir / "last.corrupt"
+    shutil.rmtree(aside, ignore_errors=True)
+    last.rename(aside)
+    log.warning(
+        "checkpoint %s is unreadable (%s); moved it to %s and starting afresh", last, why, aside
+    )
+
+
 def _maybe_resume(model, opt, sched, ckpt_dir: Path, fp: str, named) -> tuple[int, list]:
-    state_file = ckpt_dir / "last" / "state.json"
-    if not state_file.exists():
+    last = ckpt_dir / "last"
+    if not last.is_dir():
         return 0, []
     try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError:
-        log.warning("ignoring corrupt checkpoint state %s", state_file)
+        state = json.loads((last / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("state.json has no step")
+    except (OSError, ValueError) as exc:
+        _set_aside(ckpt_dir, f"state.json: {exc}")
         return 0, []
     if state.get("fingerprint") != fp:
         log.warning("checkpoint in %s was made with other settings; starting afresh", ckpt_dir)
         return 0, []
-    tensors = load_file(str(ckpt_dir / "last" / "trainable.safetensors"))
+    try:
+        from loram.models import check_safetensors
+
+        check_safetensors(last / "trainable.safetensors")
+        tensors = load_file(str(last / "trainable.safetensors"))
+        extra = torch.load(last / "optim.pt", weights_only=True)
+    except (ArtifactError, OSError, RuntimeError, ValueError, EOFError) as exc:
+        _set_aside(ckpt_dir, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return 0, []
     params = dict(named)
     missing = sorted(set(params) - set(tensors))
     if missing:
-        raise ValueError(f"checkpoint {ckpt_dir} lacks trainable tensors, e.g. {missing[0]}")
+        raise ArtifactError(
+            f"checkpoint {last} lacks trainable tensors, e.g. {missing[0]}; delete it to start afresh"
+        )
+    for n, p in params.items():
+        if p.shape != tensors[n].shape:
+            raise ArtifactError(
+                f"checkpoint {last}: tensor {n} has shape {tuple(tensors[n].shape)}, the model "
+                f"has {tuple(p.shape)}; delete it to start afresh"
+            )
     with torch.no_grad():
         for n, p in params.items():
-            if p.shape != tensors[n].shape:
-                raise ValueError(
-                    f"checkpoint tensor {n} has shape {tuple(tensors[n].shape)}, model has {tuple(p.shape)}"
-                )
             p.copy_(tensors[n])
-    extra = torch.load(ckpt_dir / "last" / "optim.pt", weights_only=True)
     opt.load_state_dict(extra["optimizer"])
     sched.load_state_dict(extra["scheduler"])
-    log.info("resuming from %s at step %d", ckpt_dir / "last", state["step"])
+    log.info("resuming from %s at step %d", last, state["step"])
     return int(state["step"]), list(state["history"])
 
 

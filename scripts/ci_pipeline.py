@@ -36,6 +36,9 @@ GENERATED = ("dvc.lock", "metrics", "plots", "reports", "artifacts")
 """Pipeline outputs that the copy must not inherit from the working tree (``.gitignore`` kept)."""
 UPSTREAM_ONLY = {"base", "data"}
 """Stages that no parameter edit of the cache check may invalidate."""
+VALIDATOR = "params"
+"""The stage that validates the whole params.yaml: it re-runs on any edit, but its output is the
+same for every valid file, so the stages after it do not re-run because of it."""
 
 
 class CIError(RuntimeError):
@@ -201,8 +204,10 @@ def stream(
 
 
 def tracked_files(root: Path, env: Mapping[str, str]) -> list[str]:
-    """Paths git tracks under ``root`` that exist in the working tree (working-tree contents)."""
-    out = sh(["git", "ls-files", "-z"], root, env, "git ls-files")
+    """Paths git tracks, or would track (new files not ignored), under ``root`` that exist in
+    the working tree (working-tree contents)."""
+    cmd = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    out = sh(cmd, root, env, "git ls-files")
     return [p for p in out.split("\0") if p and (root / p).is_file()]
 
 
@@ -357,7 +362,9 @@ def check_caching(work: Path, env: Mapping[str, str], say: Callable[[str], None]
         for key, value, must, untouched in cases:
             set_param(params, key, value)
             changed = changed_stages(work, env)
-            rerun = downstream(graph, changed)
+            if VALIDATOR not in changed:
+                problems.append(f"editing {key} does not re-validate params.yaml")
+            rerun = downstream(graph, changed - {VALIDATOR}) | (changed & {VALIDATOR})
             say(f"  -S {key}={value}: changed {sorted(changed)}; would re-run {len(rerun)} stages")
             if must not in changed:
                 problems.append(
@@ -372,6 +379,17 @@ def check_caching(work: Path, env: Mapping[str, str], say: Callable[[str], None]
                     f"editing {key} would re-run {sorted(wrong)}, which do not depend on it"
                 )
             params.write_text(original)
+        # A misspelled section must stop `dvc repro` with a message naming it.
+        params.write_text(original + "\nprun: {ratio: 0.3}\n")
+        proc = subprocess.run(
+            ["dvc", "repro", VALIDATOR], cwd=work, env=env, capture_output=True, text=True
+        )
+        say(f"  misspelled section 'prun': dvc repro exit {proc.returncode}")
+        if proc.returncode == 0 or "prun" not in proc.stdout + proc.stderr:
+            problems.append(
+                "a misspelled params section 'prun' did not stop `dvc repro` with a message "
+                f"naming it (exit {proc.returncode})"
+            )
     finally:
         params.write_text(original)
     stale = changed_stages(work, env)

@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from loram.models import atomic_dir
+from loram.errors import ArtifactError
+from loram.fsio import atomic_dir, dumps
 from loram.prune.structured import ManifestError, apply_structure, check_manifest, module_indices
 
 MANIFEST_NAME = "loram_manifest.json"
@@ -35,7 +36,32 @@ __all__ = [
     "load_safetensors_dir",
     "read_manifest",
     "save_pruned",
+    "structure_digest",
 ]
+
+# Manifest keys that describe what happened after pruning (alignment, measured sparsity), not
+# which weights were kept: they do not enter the structure digest.
+_NOT_STRUCTURE = ("aligned", "sparsity")
+
+
+def structure_digest(path: str | os.PathLike) -> str:
+    """Identity of a pruned model's structure: its manifest (without alignment records) and
+    the bytes of its masks file. An adapter records the digest of the model it was trained on;
+    ``recover`` and ``merge`` refuse a pruned directory with another digest."""
+    import hashlib
+
+    d = Path(path)
+    manifest = read_manifest(d)
+    core = {k: v for k, v in manifest.items() if k not in _NOT_STRUCTURE}
+    h = hashlib.sha256(dumps(core, indent=None).encode())
+    if manifest.get("masks_file"):
+        masks = d / manifest["masks_file"]
+        if not masks.is_file():
+            raise ArtifactError(f"{masks} (named by the manifest) does not exist")
+        with open(masks, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def read_manifest(path: str | os.PathLike, config: Any = None) -> dict:
@@ -78,29 +104,37 @@ def save_pruned(
     manifest: Mapping,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
+    command: str = "prune",
+    inputs=(),
+    extra_files: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a pruned model (smaller shapes), its original config and manifest, atomically."""
+    """Write a pruned model (smaller shapes), its original config and manifest, atomically.
+
+    ``extra_files``: name -> callable(path) writing further files (e.g. the masks) into the
+    same atomic directory.
+    """
     check_manifest(manifest, model.config)
     _check_pruned_shapes(model, manifest)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, command, inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
     return Path(out_dir)
 
 
 def load_safetensors_dir(path: str | os.PathLike, prefix: str = "model") -> dict[str, torch.Tensor]:
     """All tensors of ``{prefix}.safetensors`` or of its shards listed in the ``.index.json``."""
+    from loram.models import RESTORE_HINT, check_safetensors, weight_files
+
     d = Path(path)
-    single, index = d / f"{prefix}.safetensors", d / f"{prefix}.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = [d / f for f in sorted(set(weight_map.values()))]
-    else:
-        raise FileNotFoundError(f"no {single.name} (or sharded index) in {d}")
+    files = weight_files(d, prefix)
+    if not files:
+        raise ArtifactError(f"no {prefix}.safetensors (or sharded index) in {d}; {RESTORE_HINT}")
+    for f in files:
+        check_safetensors(f)
     out: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
@@ -161,11 +195,15 @@ def load_pruned(
 ) -> tuple[nn.Module, dict]:
     """Rebuild a pruned model from its directory alone: config -> model -> resize -> weights."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from loram.models import load_config
 
     d = Path(path)
+    if not d.is_dir():
+        raise ArtifactError(f"pruned model directory {str(path)!r} does not exist")
     raw = _read_json(d)
-    config = AutoConfig.from_pretrained(d)
+    config = load_config(d)
     manifest = check_manifest(raw, config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -582,6 +582,29 @@ def sparsity_report(
     }
 
 
+def mask_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The pruned layers measured against their masks, not against incidental zeros.
+
+    ``mask_sparsity``: fraction of weights the masks remove; ``sparsity``: fraction of weights
+    that are removed by the mask AND still exactly zero (equal to ``mask_sparsity`` when
+    nothing densified); ``pruned_nonzero``: removed positions holding a non-zero value. Zeros
+    at kept positions (which a model may simply have) count in neither.
+    """
+    removed = zero_removed = numel = 0
+    for path, mask in masks.items():
+        w = model.get_submodule(path).weight.detach()
+        gone = ~mask.to(device=w.device, dtype=torch.bool)
+        removed += int(gone.sum().item())
+        zero_removed += int((gone & (w == 0)).sum().item())
+        numel += w.numel()
+    return {
+        "mask_sparsity": removed / numel if numel else 0.0,
+        "sparsity": zero_removed / numel if numel else 0.0,
+        "pruned_nonzero": removed - zero_removed,
+        "numel": numel,
+    }
+
+
 def sparse_manifest(
     model: nn.Module,
     layers: Sequence[int],

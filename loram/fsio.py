@@ -122,7 +122,9 @@ def check_output_dir(
             raise OutputError(
                 f"{option} {raw!r} lies inside the input {str(inp)!r}; write the output elsewhere"
             )
-    if p.is_symlink() or (p.exists() and not p.is_dir()):
+    if Path(out).expanduser().is_symlink():
+        raise OutputError(f"{option} {raw!r} is a symbolic link; refusing to replace it")
+    if p.exists() and not p.is_dir():
         raise OutputError(
             f"{option} {raw!r} is an existing file, not a directory; refusing to replace it"
         )

@@ -108,7 +108,7 @@ def cmd_base(a) -> int:
 def cmd_data(a) -> int:
     """Materialize the training / validation / out-of-domain / alignment rows as jsonl."""
     from loram.data import load_rows, split_rows
-    from loram.models import atomic_dir
+    from loram.fsio import atomic_dir
 
     p = load_params(a.params, ["data"])["data"]
     _preflight(a, "data", metrics=(".json",))

@@ -36,7 +36,7 @@ def apply_profile(
     merged = deep_merge(raw, overlay)
     parse_params(merged)  # every key checked before anything is written
     if write:
-        from loram.models import atomic_write_text
+        from loram.fsio import atomic_write_text
 
         atomic_write_text(params, yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
     return merged

@@ -25,12 +25,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from loram.fsio import atomic_write_bytes, atomic_write_text
 
 MISSING = "–"
 TABLE_START = "<!-- results-table:start -->"
@@ -98,34 +99,13 @@ def _num(value: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    return _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _save_figure(fig: Any, out_png: Path | str) -> Path:
     """Save a matplotlib Figure as PNG atomically."""
     import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    return _atomic_write_bytes(Path(out_png), buf.getvalue())
+    return atomic_write_bytes(Path(out_png), buf.getvalue())
 
 
 def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Any, list[Any]]:
@@ -851,9 +831,9 @@ def write_report(
             paths[key] = Path(written)
     images = {k: p.name for k, p in paths.items()}
     md = render_markdown(arms, meta, images=images, sweep_rows=sweep_rows)
-    paths["markdown"] = _atomic_write_text(out / "results.md", md)
+    paths["markdown"] = atomic_write_text(out / "results.md", md)
     records = results_records(results_table(arms))
-    paths["json"] = _atomic_write_text(out / "results.json", json.dumps(records, indent=2) + "\n")
+    paths["json"] = atomic_write_text(out / "results.json", json.dumps(records, indent=2) + "\n")
     return paths
 
 

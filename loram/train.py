@@ -201,7 +201,7 @@ def _exp(x):
 
 def write_loss_csv(path: str | Path, history: list[dict], arm: str) -> None:
     """Loss curve for ``dvc plots`` (one row per step; val_loss empty where not evaluated)."""
-    from loram.models import atomic_write_text
+    from loram.fsio import atomic_write_text
 
     lines = ["arm,step,loss,val_loss,lr"]
     for h in history:

@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"loram {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except PermissionError as exc:
+    except OSError as exc:  # permissions, a full disk, a vanished file: the environment's
         if os.environ.get("LORAM_DEBUG"):
             raise
-        print(f"loram {args.command}: error: permission denied: {exc}", file=sys.stderr)
+        print(f"loram {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loram {args.command}: interrupted; re-run to resume", file=sys.stderr)

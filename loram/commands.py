@@ -377,6 +377,10 @@ def cmd_recover(a) -> int:
 
     p = load_params(a.params, ["recover"])["recover"]
     _preflight(a, "recover", ("adapter", "pruned", "base"))
+    if a.base:
+        from loram.models import check_model_dir
+
+        check_model_dir(a.base, "base model")
     recover_adapter(
         a.adapter, a.pruned, a.out, base_model_path=a.base, norm_a=p.norm_a, seed=p.seed
     )

@@ -127,13 +127,13 @@ def load_model(
     try:
         with _quiet_transformers():
             m = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        if src.kind == "hub":
+    except Exception as exc:  # noqa: BLE001 - any failure to read the user's model is named
+        if src.kind == "hub" and isinstance(exc, OSError | ValueError):
             raise LoramError(
                 f"model {model!r} is not found locally and the hub is unreachable or has no such "
                 f"model: {_first_line(exc)}"
-            ) from None
-        raise ArtifactError(f"cannot load the model {model!r}: {_first_line(exc)}") from None
+            ) from exc
+        raise ArtifactError(f"cannot load the model {model!r}: {_first_line(exc)}") from exc
     tok = load_tokenizer(src.path, src.gguf_file, revision) if with_tokenizer else None
     if src.gguf_file:
         strip_quantizer(m)

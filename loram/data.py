@@ -14,6 +14,7 @@ import os
 import random
 import re
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -173,11 +174,71 @@ EMBEDDED = {
 # Normalization of rows from any source
 
 
+class DataError(ValueError):
+    """A data source holds a bad row or cannot be read; the message names the source and row."""
+
+
+SCHEMAS = (
+    "expected text, prompt/response, instruction/input/output, question/answer, "
+    "problem/solution or messages"
+)
+
+
+def _describe(value) -> str:
+    """A short type name for messages: a JSON-ish name where there is one."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _text_field(row: dict, key: str, name: str | None = None) -> str:
+    """The non-empty string under ``row[key]``, or a DataError naming the field."""
+    name = name or key
+    if key not in row:
+        raise DataError(f"field {name!r} is missing")
+    value = row[key]
+    if value is None:
+        raise DataError(f"field {name!r} is empty (null)")
+    if _is_nan(value):
+        raise DataError(f"field {name!r} is empty (NaN)")
+    if not isinstance(value, str):
+        raise DataError(f"field {name!r} is not a string but {_describe(value)} ({value!r:.60})")
+    if not value.strip():
+        raise DataError(f"field {name!r} is empty" + (" (whitespace only)" if value else ""))
+    return value
+
+
+def _optional_field(row: dict, key: str):
+    """An optional string field (input, context, system_prompt): null / NaN count as absent."""
+    value = row.get(key)
+    if value is None or _is_nan(value) or isinstance(value, str):
+        return None if _is_nan(value) else value
+    raise DataError(f"field {key!r} is not a string but {_describe(value)} ({value!r:.60})")
+
+
 def normalize_row(row: dict, fmt: str = "auto") -> dict:
     """Map a raw row of a known schema to ``{"prompt", "response"}`` or ``{"text"}``.
 
-    A string ``group`` field (rows that must stay on one side of the split) is kept.
+    A string ``group`` field (rows that must stay on one side of the split) is kept. A bad row
+    (not an object, a used field missing / null / NaN / not a string / blank, an unknown
+    schema) raises DataError; callers prefix the source and row number.
     """
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {_describe(row)}")
     out = _normalize(row, fmt)
     if isinstance(row.get("group"), str):
         out["group"] = row["group"]
@@ -188,38 +249,52 @@ def _normalize(row: dict, fmt: str) -> dict:
     if fmt == "text" or (
         fmt == "auto" and set(row) & {"text", "content"} and not _is_instruction(row)
     ):
-        text = row.get("text", row.get("content"))
-        if not isinstance(text, str):
-            raise ValueError(f"text row has no string 'text' field: keys {sorted(row)}")
-        return {"text": text}
+        key = "text" if "text" in row or "content" not in row else "content"
+        if key not in row:
+            raise DataError(
+                "field 'text' is missing from a text row (keys: "
+                + ", ".join(sorted(map(str, row)))
+                + ")"
+            )
+        return {"text": _text_field(row, key)}
     if "prompt" in row and ("response" in row or "completion" in row):
-        return {"prompt": row["prompt"], "response": row.get("response", row.get("completion"))}
+        resp = "response" if "response" in row else "completion"
+        return {"prompt": _text_field(row, "prompt"), "response": _text_field(row, resp)}
     if "instruction" in row and "output" in row:  # Alpaca / Dolly style
-        inp = row.get("input") or row.get("context") or ""
-        prompt = row["instruction"] if not inp else f"{row['instruction']}\n\n{inp}"
-        return {"prompt": prompt, "response": row["output"]}
+        instruction, output = _text_field(row, "instruction"), _text_field(row, "output")
+        inp = _optional_field(row, "input") or _optional_field(row, "context") or ""
+        prompt = instruction if not inp else f"{instruction}\n\n{inp}"
+        return {"prompt": prompt, "response": output}
     if "instruction" in row and "response" in row:
-        ctx = row.get("context") or ""
+        instruction, response = _text_field(row, "instruction"), _text_field(row, "response")
+        ctx = _optional_field(row, "context") or ""
         return {
-            "prompt": row["instruction"] + (f"\n\n{ctx}" if ctx else ""),
-            "response": row["response"],
+            "prompt": instruction + (f"\n\n{ctx}" if ctx else ""),
+            "response": response,
         }
     if "question" in row and "answer" in row:  # GSM8K
-        return {"prompt": row["question"], "response": row["answer"]}
+        return {"prompt": _text_field(row, "question"), "response": _text_field(row, "answer")}
     if "problem" in row and "solution" in row:  # MATH
-        return {"prompt": row["problem"], "response": row["solution"]}
+        return {"prompt": _text_field(row, "problem"), "response": _text_field(row, "solution")}
     for key in ("messages", "conversations"):  # chat / ShareGPT (OpenHermes)
         if key in row:
-            return _from_chat(row[key])
+            return _from_chat(row[key], key)
     if "question" in row and "response" in row:  # OpenOrca
-        sys_prompt = row.get("system_prompt") or ""
-        q = row["question"] if not sys_prompt else f"{sys_prompt}\n\n{row['question']}"
-        return {"prompt": q, "response": row["response"]}
-    raise ValueError(
+        question, response = _text_field(row, "question"), _text_field(row, "response")
+        sys_prompt = _optional_field(row, "system_prompt") or ""
+        q = question if not sys_prompt else f"{sys_prompt}\n\n{question}"
+        return {"prompt": q, "response": response}
+    if fmt == "instruction" and set(row) & {"text", "content"}:
+        raise DataError(
+            "a plain-text row (keys: "
+            + ", ".join(sorted(map(str, row)))
+            + "), but the source's format is 'instruction'"
+        )
+    raise DataError(
         "cannot recognise the row schema (keys: "
-        + ", ".join(sorted(row))
-        + "); expected text, prompt/response, instruction/input/output, question/answer, "
-        "problem/solution or messages"
+        + ", ".join(sorted(map(str, row)))
+        + "); "
+        + SCHEMAS
     )
 
 
@@ -229,65 +304,228 @@ def _is_instruction(row: dict) -> bool:
     )
 
 
-def _from_chat(turns) -> dict:
+def _from_chat(turns, key: str = "messages") -> dict:
+    if turns is None or _is_nan(turns):
+        raise DataError(f"field {key!r} is empty ({'null' if turns is None else 'NaN'})")
+    if isinstance(turns, (str, bytes, dict)) or not hasattr(turns, "__iter__"):
+        raise DataError(f"field {key!r} is not a list of turns but {_describe(turns)}")
     user, assistant = None, None
-    for t in turns:
+    user_at = assistant_at = None
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise DataError(f"field '{key}[{i}]' (a chat turn) is not an object but {_describe(t)}")
         role = t.get("role", t.get("from"))
         content = t.get("content", t.get("value"))
         if role in ("user", "human") and user is None:
-            user = content
+            user, user_at = content, (i, t)
         elif role in ("assistant", "gpt") and user is not None and assistant is None:
-            assistant = content
+            assistant, assistant_at = content, (i, t)
     if user is None or assistant is None:
-        raise ValueError("chat row has no user turn followed by an assistant turn")
+        raise DataError(
+            f"chat field {key!r} has no user turn followed by an assistant turn (with content)"
+        )
+    for i, t in (user_at, assistant_at):
+        field = "content" if "content" in t else "value"
+        _text_field(t, field, f"{key}[{i}].{field}")
     return {"prompt": user, "response": assistant}
 
 
-def read_file_rows(path: str | Path) -> list[dict]:
-    """Read jsonl / json / parquet / csv / txt rows (txt: one document per non-empty line)."""
+# ---------------------------------------------------------------------------------------------
+# Reading local files: every error names the file and the 1-based row / line
+
+
+def _utf8_error(p: Path, opener, exc: UnicodeDecodeError) -> DataError:
+    """Find the first non-UTF-8 byte of ``p`` (line by line, in binary) for the message."""
+    try:
+        with opener(p, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    hint = ""
+                    if line_no == 1 and raw.startswith(b"\x1f\x8b"):
+                        hint = "; it looks gzip-compressed: name it *.gz"
+                    return DataError(
+                        f"{p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line_no}, "
+                        f"column {e.start + 1}{hint})"
+                    )
+    except (OSError, EOFError):
+        pass
+    return DataError(f"{p} is not UTF-8 text ({exc.reason}, byte 0x{exc.object[exc.start]:02x})")
+
+
+def _read_json_lines(p: Path, f, text: bool) -> tuple[list, list[int]]:
+    rows, lines = [], []
+    for line_no, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        if text:
+            rows.append({"text": line.strip()})
+            lines.append(line_no)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            hint = "" if line.endswith("\n") else "; the last line has no newline: truncated file?"
+            raise DataError(
+                f"{p} line {line_no}: invalid JSON ({e.msg}: column {e.colno}{hint})"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{p} line {line_no}: expected a JSON object, got {_describe(row)}")
+        rows.append(row)
+        lines.append(line_no)
+    return rows, lines
+
+
+def _csv_line(p: Path, i: int) -> int:
+    """The 1-based file line where data row ``i`` (0-based) starts, the header being line 1.
+
+    Computed only for an error message; blank lines (which pandas skips) and quoted newlines
+    are counted. Falls back to ``i + 2`` (no blank lines, one line per row).
+    """
+    import csv
+
+    try:
+        with open(p, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            seen_header, k, start = False, -1, 1
+            for record in reader:
+                if record and any(c.strip() for c in record):
+                    if seen_header:
+                        k += 1
+                        if k == i:
+                            return start
+                    seen_header = True
+                start = reader.line_num + 1
+    except (OSError, UnicodeDecodeError, csv.Error):
+        pass
+    return i + 2
+
+
+def _read_file(path: str | Path):
+    """Rows of a local file and ``where(i)``: the file and 1-based row / line of row ``i``."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file {str(p)!r} does not exist")
     suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
     opener = gzip.open if p.suffix == ".gz" else open
-    if suffix in (".jsonl", ".jsonl.gz"):
+    try:
+        return _read_by_suffix(p, suffix, opener)
+    except UnicodeDecodeError as e:
+        raise _utf8_error(p, opener, e) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        if opener is open:
+            raise
+        raise DataError(f"{p} is not a valid gzip file ({e})") from None
+
+
+def _read_by_suffix(p: Path, suffix: str, opener):
+    if suffix in (".jsonl", ".jsonl.gz", ".txt", ".txt.gz"):
         with opener(p, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            rows, lines = _read_json_lines(p, f, text=suffix.startswith(".txt"))
+        if not rows:
+            raise DataError(f"{p} holds no rows (empty file or only blank lines)")
+        return rows, lambda i: f"{p} line {lines[i]}"
     if suffix in (".json", ".json.gz"):
         with opener(p, "rt", encoding="utf-8") as f:
-            obj = json.load(f)
+            text = f.read()
+        if not text.strip():
+            raise DataError(f"{p} holds no rows (empty file)")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{p} line {e.lineno}: invalid JSON ({e.msg}: column {e.colno})"
+            ) from None
+        where = "top level"
         if isinstance(obj, dict):
             for key in ("data", "rows", "train"):
                 if isinstance(obj.get(key), list):
-                    return obj[key]
-            raise ValueError(f"{p}: JSON object without a list under 'data'/'rows'/'train'")
-        return obj
+                    obj, where = obj[key], f"list under {key!r}"
+                    break
+            else:
+                raise DataError(
+                    f"{p}: JSON object without a list under 'data'/'rows'/'train' (keys: "
+                    + ", ".join(sorted(obj))
+                    + ")"
+                )
+        elif not isinstance(obj, list):
+            raise DataError(
+                f"{p}: top level is {_describe(obj)}; expected a list of row objects or an "
+                "object with a list under 'data'/'rows'/'train'"
+            )
+        if not obj:
+            raise DataError(f"{p} holds no rows (the {where} is an empty list)")
+        for i, row in enumerate(obj):
+            if not isinstance(row, dict):
+                raise DataError(f"{p} row {i + 1}: expected a JSON object, got {_describe(row)}")
+        return obj, lambda i: f"{p} row {i + 1}"
     if suffix == ".parquet":
         import pandas as pd
 
-        return pd.read_parquet(p).to_dict("records")
+        try:
+            rows = pd.read_parquet(p).to_dict("records")
+        except ImportError:
+            raise
+        except Exception as e:  # pyarrow raises its own types: say which file
+            raise DataError(f"{p} is not a readable parquet file ({e})") from None
+        if not rows:
+            raise DataError(f"{p} holds no rows")
+        return rows, lambda i: f"{p} row {i + 1}"
     if suffix == ".csv":
         import pandas as pd
 
-        return pd.read_csv(p).to_dict("records")
-    if suffix in (".txt", ".txt.gz"):
-        with opener(p, "rt", encoding="utf-8") as f:
-            return [{"text": line.strip()} for line in f if line.strip()]
-    raise ValueError(
+        try:
+            # only an empty cell is missing (NaN): a cell reading "None" or "NA" is text
+            df = pd.read_csv(p, keep_default_na=False, na_values=[""])
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{p} holds no rows (empty file)") from None
+        except pd.errors.ParserError as e:
+            raise DataError(f"{p}: cannot parse CSV ({str(e).strip()})") from None
+        rows = df.to_dict("records")
+        if not rows:
+            raise DataError(f"{p} holds no rows (only a header)")
+        return rows, lambda i: f"{p} row {i + 1} (line {_csv_line(p, i)} counting the header)"
+    raise DataError(
         f"{p}: unsupported data file type {suffix!r}; use .jsonl, .json, .parquet, .csv or .txt"
     )
 
 
+def read_file_rows(path: str | Path) -> list[dict]:
+    """Read jsonl / json / parquet / csv / txt rows (txt: one document per non-empty line).
+
+    Unreadable content (not UTF-8, bad gzip, invalid JSON, a row that is no object, no rows)
+    raises DataError naming the file and the 1-based line / row.
+    """
+    return _read_file(path)[0]
+
+
+def source_label(src: SourceParams) -> str:
+    """How messages name a source: the file path, ``embedded source 'x'`` or the hub id."""
+    if src.kind == "file":
+        return str(src.name)
+    if src.kind == "embedded":
+        return f"embedded source {src.name!r}"
+    subset = f"subset {src.subset!r}, " if src.subset else ""
+    return f"hub data set {src.name!r} ({subset}split {src.split})"
+
+
+def _numbered(label: str):
+    return lambda i: f"{label} row {i + 1}"
+
+
 def load_rows(src: SourceParams) -> list[dict]:
-    """Load and normalize the rows of one source."""
+    """Load and normalize the rows of one source; a bad row raises DataError naming it."""
+    label = source_label(src)
     if src.kind == "embedded":
         if src.name not in EMBEDDED:
             raise ValueError(
                 f"embedded data set {src.name!r} is unknown; allowed: {', '.join(EMBEDDED)}"
             )
         raw = EMBEDDED[src.name](src.split)
+        where = _numbered(label)
     elif src.kind == "file":
-        raw = read_file_rows(src.name)
+        raw, where = _read_file(src.name)
     else:
         import datasets
 
@@ -299,13 +537,19 @@ def load_rows(src: SourceParams) -> list[dict]:
                 f"{src.split!r}): {exc}"
             ) from exc
         raw = list(ds)
-    rows = [normalize_row(r, src.format) for r in raw]
+        where = _numbered(label)
+    rows = []
+    for i, r in enumerate(raw):
+        try:
+            rows.append(normalize_row(r, src.format))
+        except DataError as e:
+            raise DataError(f"{where(i)}: {e}") from None
     if src.format == "instruction" and rows and "text" in rows[0]:
-        raise ValueError(f"source {src.name!r} holds plain text, but format is 'instruction'")
+        raise DataError(f"{label} holds plain text, but format is 'instruction'")
     if src.max_rows is not None:
         rows = rows[: src.max_rows]
     if not rows:
-        raise ValueError(f"source {src.name!r} ({src.kind}) yielded no rows")
+        raise DataError(f"{label} ({src.kind}) yielded no rows")
     return rows
 
 
@@ -350,13 +594,24 @@ def split_rows(rows: list, val_fraction: float, max_val: int, seed: int) -> tupl
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    from loram.models import atomic_write_text
+    from loram.fsio import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    return read_file_rows(path)
+    """Read the pipeline's own normalized rows (``artifacts/data/*.jsonl``), unchanged.
+
+    Every error names the file and the 1-based line: invalid JSON (a truncated file), a row
+    that is no object, or a row that is not a valid prompt/response or text row.
+    """
+    rows, where = _read_file(path)
+    for i, r in enumerate(rows):
+        try:
+            normalize_row(r)
+        except DataError as e:
+            raise DataError(f"{where(i)}: {e}") from None
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -339,6 +339,7 @@ def test_broken_artifact_is_named(proj, capsys, case):
 
 
 MISSING_PATH_CASES = [
+    ("recover", "base"),
     ("prune", "base"),
     ("train", "model"),
     ("recover", "adapter"),
@@ -352,6 +353,87 @@ MISSING_PATH_CASES = [
 @pytest.mark.parametrize("command,opt", MISSING_PATH_CASES, ids=lambda v: str(v))
 def test_missing_input_path_is_named(proj, capsys, command, opt):
     _fails(capsys, _with(_stage(command), **{opt: "artifacts/nope"}), "artifacts/nope")
+
+
+EVALUATE = [
+    "evaluate", "--model", "artifacts/merged", "--data", "artifacts/data", "--tokenizer",
+    "artifacts/base", "--out", "metrics/arms/x.json",
+]  # fmt: skip
+
+EVALUATE_CASES = {
+    "missing model": ({"model": "artifacts/nope"}, None, ["artifacts/nope"]),
+    "missing adapter": (
+        {"model": "artifacts/aligned", "adapter": "artifacts/nope"},
+        None,
+        ["artifacts/nope"],
+    ),
+    "truncated merged model": (
+        {},
+        lambda p: _truncate(p / "artifacts/merged/model.safetensors"),
+        ["artifacts/merged/model.safetensors"],
+    ),
+    "out is not json": ({"out": "README.md"}, None, ["README.md", ".json"]),
+    "broken train metrics": (
+        {"train_metrics": "metrics/train.json"},
+        lambda p: (p / "metrics/train.json").write_text("{"),
+        ["metrics/train.json"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVALUATE_CASES))
+def test_evaluate_faults_are_named(proj, capsys, case):
+    opts, damage, needles = EVALUATE_CASES[case]
+    if damage:
+        damage(proj)
+    argv = list(EVALUATE)
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        if flag in argv:
+            argv[argv.index(flag) + 1] = v
+        else:
+            argv += [flag, v]
+    before = (proj / "README.md").read_bytes()
+    _fails(capsys, argv, *needles)
+    assert (proj / "README.md").read_bytes() == before
+    assert not (proj / "metrics/arms/x.json").exists()
+
+
+def test_evaluate_runs_on_the_tiny_pipeline(proj, capsys):
+    rc, text = _run(capsys, EVALUATE)
+    assert rc == 0, text
+    assert "ppl" in json.loads((proj / "metrics/arms/x.json").read_text())
+
+
+BASE_CASES = {
+    "dir with broken config": (
+        lambda p: (p / "m").mkdir() or (p / "m/config.json").write_text("{"),
+        "m",
+        ["m/config.json"],
+    ),
+    "dir without weights": (
+        lambda p: (p / "m").mkdir() or (p / "m/config.json").write_text('{"model_type": "llama"}'),
+        "m",
+        ["'m'", "no weights"],
+    ),
+    "corrupt gguf": (
+        lambda p: (p / "x.gguf").write_bytes(b"GGUF" + b"\0" * 64),
+        "x.gguf",
+        ["x.gguf"],
+    ),
+    "missing gguf": (lambda p: None, "nope.gguf", ["nope.gguf"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASE_CASES))
+def test_bad_base_model_is_named(proj, capsys, case):
+    damage, model, needles = BASE_CASES[case]
+    damage(proj)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["base"]["model"] = model
+    (proj / "b.yaml").write_text(yaml.safe_dump(params))
+    _fails(capsys, [*_with(_stage("base"), out="artifacts/b2"), "--params", "b.yaml"], *needles)
+    assert not (proj / "artifacts/b2").exists()
 
 
 def test_corrupt_checkpoint_is_set_aside_and_training_starts_afresh(proj, capsys):

@@ -1,19 +1,24 @@
-"""Typed, validated parameters: one dataclass per section of ``params.yaml``.
+"""Typed, validated parameters: one pydantic model per section of ``params.yaml``.
 
-Every section is parsed strictly: an unknown key, a value of the wrong type or a value out of
-range raises :class:`ParamsError` naming the key, the bad value and what is allowed.
+``params.yaml`` is the single source of defaults: every key the code reads is listed there and
+every default below equals it (``tests/test_config.py`` checks both). Every section is parsed
+strictly: an unknown key, a value of the wrong type or a value out of range raises
+:class:`ParamsError` naming the dotted key, the bad value and what is allowed, one line per error.
+Ints are accepted for floats; bools are not numbers; strings are never coerced to numbers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from loram.evaluate.tasks import CSR_TASKS
 
@@ -26,196 +31,301 @@ def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ParamsError(f"{key} = {value!r} is not allowed: expected {allowed}")
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ParamsError as exc:
-                errors.append(str(exc))
-        allowed = " or ".join("null" if a is type(None) else _describe(a) for a in args)
-        _fail(key, value, allowed)
-    if origin is Literal:
-        if value in args and type(value) in {type(a) for a in args}:
-            return value
-        _fail(key, value, "one of " + ", ".join(repr(a) for a in args))
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            _fail(key, value, f"a list of {_describe(args[0]) if args else 'values'}")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            _fail(key, value, "a mapping")
-        return {k: _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        _fail(key, value, "true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        _fail(key, value, "an integer")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        _fail(key, value, "a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        _fail(key, value, "a string")
-    if dataclasses.is_dataclass(tp):
-        return parse_section(tp, value, key)
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+def _bad(field: str, value: Any, allowed: str) -> PydanticCustomError:
+    """A cross-field error raised from a model validator; reported as ``section.field = value``."""
+    return PydanticCustomError(
+        "params_value",
+        "{field} = {value} is not allowed: expected {allowed}",
+        {"field": field, "value": value, "allowed": allowed},
+    )
+
+
+class _Params(BaseModel):
+    """Strict: unknown keys are errors, no str -> number or bool -> int coercion (int -> float is
+    allowed), no inf / nan, and defaults are validated like given values."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_default=True, allow_inf_nan=False
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# pydantic ValidationError -> one line per error: "key = value is not allowed: expected ..."
+
+_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+_BOUNDS = (
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Lt, "lt", "<"),
+    (annotated_types.Le, "le", "<="),
+)
+
+
+def _dotted(prefix: str, loc: tuple) -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _flat_meta(items) -> list:
+    out = []
+    for m in items:
+        out.extend(_flat_meta(m.metadata) if isinstance(m, FieldInfo) else [m])
+    return out
+
+
+def _unwrap(tp: Any, meta: list) -> tuple[Any, bool]:
+    """Strip ``Annotated`` (collecting constraints into ``meta``) and ``| None``."""
+    optional = False
+    while True:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is Annotated:
+            tp = args[0]
+            meta.extend(_flat_meta(args[1:]))
+        elif origin in (typing.Union, types.UnionType) and type(None) in args:
+            optional = True
+            rest = tuple(a for a in args if a is not type(None))
+            tp = rest[0] if len(rest) == 1 else typing.Union[rest]  # noqa: UP007
+        else:
+            return tp, optional
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _at(cls: type, loc: tuple) -> tuple[Any, list, bool]:
+    """The annotation, constraints and optionality at error location ``loc`` inside ``cls``."""
+    tp, meta, optional = cls, [], False
+    for part in loc:
+        origin = typing.get_origin(tp)
+        if _is_model(tp) and part in tp.model_fields:
+            f = tp.model_fields[part]
+            meta = _flat_meta(f.metadata)
+            tp, optional = _unwrap(f.annotation, meta)
+        elif origin in (list, tuple) and isinstance(part, int):
+            meta = []
+            tp, optional = _unwrap(typing.get_args(tp)[0], meta)
+        elif origin is dict:
+            key_tp, value_tp = typing.get_args(tp)
+            meta = []
+            tp, optional = _unwrap(key_tp if part == "[key]" else value_tp, meta)
+        else:
+            return Any, [], False
+    return tp, meta, optional
+
+
+def _choices(tp: Any) -> str:
+    return ", ".join(repr(a) for a in typing.get_args(tp))
 
 
 def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + _choices(tp)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        item, _ = _unwrap(item, [])
+        if typing.get_origin(item) is Literal:
+            return "a list from " + _choices(item)
+        return "a list of values" if item is Any else f"a list of {_describe(item)}s"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if _is_model(tp):
+        return "a mapping of parameters"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, "any value"
     )
+
+
+def _num(x: Any) -> Any:
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def _range_text(meta: list) -> str:
+    bounds = [
+        f"{sym} {_num(getattr(m, attr))}"
+        for kind, attr, sym in _BOUNDS
+        for m in meta
+        if isinstance(m, kind)
+    ]
+    return "a value " + " and ".join(bounds)
+
+
+def _message(cls: type, prefix: str, err: dict) -> str:
+    loc, kind, value = tuple(err["loc"]), err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        parent = _dotted(prefix, loc[:-1])
+        model, _, _ = _at(cls, loc[:-1])
+        names = ", ".join(sorted(model.model_fields)) if _is_model(model) else "?"
+        return (
+            f"{_dotted(prefix, loc)} is not a known parameter; allowed keys in '{parent}': {names}"
+        )
+    if kind == "params_value":
+        ctx = err["ctx"]
+        key = _dotted(prefix, (*loc, ctx["field"]))
+        return f"{key} = {ctx['value']!r} is not allowed: expected {ctx['allowed']}"
+    if loc[-1:] == ("[key]",):  # a mapping key: loc is (..., mapping, key, "[key]")
+        tp, meta, optional = _at(cls, (*loc[:-2], "[key]"))
+        key = _dotted(prefix, loc[:-2]) + " key"
+    else:
+        tp, meta, optional = _at(cls, loc)
+        key = _dotted(prefix, loc)
+    if kind in _RANGE:
+        allowed = _range_text(meta)
+    elif kind == "finite_number":
+        allowed = "a finite number"
+    elif kind == "too_short" and err.get("ctx", {}).get("min_length") == 1:
+        allowed = _describe(tp).replace("a list", "a non-empty list", 1)
+    elif kind in ("too_short", "too_long"):
+        allowed = f"{_describe(tp)} ({err['msg'].lower()})"
+    elif tp is Any:
+        allowed = err["msg"]
+    else:
+        allowed = _describe(tp) + (" or null" if optional else "")
+    return f"{key} = {value!r} is not allowed: expected {allowed}"
+
+
+def _params_error(exc: ValidationError, cls: type, prefix: str) -> ParamsError:
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    lines = dict.fromkeys(_message(cls, prefix, e) for e in errors)
+    return ParamsError("\n".join(lines))
 
 
 def parse_section(cls: type, raw: Any, section: str):
-    """Build dataclass ``cls`` from the mapping ``raw``; ``section`` prefixes error messages."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        _fail(section, raw, "a mapping of parameters")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ParamsError(
-            f"{section}.{unknown[0]} is not a known parameter; allowed keys in '{section}': "
-            + ", ".join(sorted(names))
-        )
-    values = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in raw.items()}
-    obj = cls(**values)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        check(section)
-    return obj
+    """Validate the mapping ``raw`` into model ``cls``; ``section`` prefixes error messages.
+
+    ``None`` (an empty YAML section) means all defaults.
+    """
+    try:
+        return cls.model_validate({} if raw is None else raw)
+    except ValidationError as exc:
+        raise _params_error(exc, cls, section) from None
 
 
-def _range(section: str, key: str, value, lo=None, hi=None, lo_open=False, hi_open=False):
-    if value is None:
-        return
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
-        hi is not None and (value >= hi if hi_open else value > hi)
-    )
-    if bad:
-        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
-        hi_s = "" if hi is None else (f"< {hi}" if hi_open else f"<= {hi}")
-        _fail(f"{section}.{key}", value, "a value " + " and ".join(s for s in (lo_s, hi_s) if s))
+def _check_range(field: str, value, lo=None, hi=None) -> None:
+    """``lo <= value <= hi`` for a bound that depends on another field."""
+    if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        bounds = [s for s in (lo is not None and f">= {lo}", hi is not None and f"<= {hi}") if s]
+        raise _bad(field, value, "a value " + " and ".join(bounds))
 
 
 # --------------------------------------------------------------------------------------------
 # Sections
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+Schedule = Literal["cosine", "linear", "constant"]
 
-@dataclass
-class BaseParams:
+
+class BaseParams(_Params):
     """Which base model to start from."""
 
-    model: str = "smollm2-135m"
-    """Embedded name (``smollm2-135m``), a hub id, a local HF directory or a ``.gguf`` file."""
-    gguf_file: str | None = None
-    """GGUF file name inside ``model`` when ``model`` is a directory or hub id of GGUF files."""
-    revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    model: str = Field(
+        "smollm2-135m",
+        description="Embedded name (``smollm2-135m``), a hub id, a local HF directory or a "
+        "``.gguf`` file.",
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="GGUF file name inside ``model`` when ``model`` is a directory or hub id of "
+        "GGUF files.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Dtype = "float32"
 
-    def check(self, s: str) -> None:
+    @model_validator(mode="after")
+    def _check(self):
         if not self.model.strip():
-            _fail(f"{s}.model", self.model, "a model name, hub id, directory or .gguf file")
+            raise _bad("model", self.model, "a model name, hub id, directory or .gguf file")
+        return self
 
 
-@dataclass
-class SourceParams:
-    """One data source: embedded (package-shipped), hub data set or local file."""
+class SourceParams(_Params):
+    """One data source: embedded (package-shipped), hub data set or local file.
+
+    The defaults are those of ``data.train`` in ``params.yaml``.
+    """
 
     kind: Literal["embedded", "hub", "file"] = "embedded"
-    name: str = "math"
-    """embedded: a name from ``loram.data.EMBEDDED``; hub: a data set id; file: a path."""
-    subset: str | None = None
+    name: str = Field(
+        "mbpp",
+        description="embedded: a name from ``loram.data.EMBEDDED``; hub: a data set id; "
+        "file: a path.",
+    )
+    subset: str | None = Field(None, description="Hub data set configuration (subset).")
     split: str = "train"
     format: Literal["auto", "instruction", "text"] = "auto"
-    max_rows: int | None = None
-
-    def check(self, s: str) -> None:
-        _range(s, "max_rows", self.max_rows, lo=1)
+    max_rows: int | None = Field(None, ge=1, description="At most this many rows; null = all.")
 
 
-@dataclass
-class DataParams:
-    train: SourceParams = field(default_factory=SourceParams)
-    """Instruction data for LoRA training; a validation split is held out from it."""
-    ood: list[SourceParams] = field(
-        default_factory=lambda: [SourceParams(kind="embedded", name="gsm8k", split="test")]
+class DataParams(_Params):
+    train: SourceParams = Field(
+        default_factory=lambda: SourceParams(kind="embedded", name="mbpp"),
+        description="Instruction data for LoRA training; a validation split is held out from it.",
     )
-    """Out-of-domain instruction data for perplexity only."""
-    align: SourceParams = field(
-        default_factory=lambda: SourceParams(kind="embedded", name="brown", format="text")
+    ood: list[SourceParams] = Field(
+        default_factory=lambda: [SourceParams(kind="embedded", name="gsm8k", split="test")],
+        description="Out-of-domain instruction data for perplexity only.",
     )
-    """General text for the alignment stage."""
-    val_fraction: float = 0.1
-    max_val_rows: int = 200
-    max_ood_rows: int = 200
+    align: SourceParams = Field(
+        default_factory=lambda: SourceParams(kind="embedded", name="brown", format="text"),
+        description="General text for the alignment stage.",
+    )
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_val_rows: int = Field(200, ge=1)
+    max_ood_rows: int = Field(200, ge=1)
     seed: int = 0
 
-    def check(self, s: str) -> None:
-        _range(s, "val_fraction", self.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
-        _range(s, "max_val_rows", self.max_val_rows, lo=1)
-        _range(s, "max_ood_rows", self.max_ood_rows, lo=1)
 
-
-@dataclass
-class PruneParams:
+class PruneParams(_Params):
     method: Literal["structured", "random", "semi", "unstructured"] = "structured"
-    ratio: float = 0.65
-    """Fraction removed: channels/heads (structured, random) or weights (unstructured)."""
-    criterion: Literal["auto", "taylor", "magnitude", "wanda", "sparsegpt"] = "auto"
-    """auto = taylor (structured) or wanda (semi / unstructured); random ignores it.
-    structured: taylor | magnitude; semi / unstructured: wanda | sparsegpt | magnitude."""
-    n: int = 2
-    m: int = 4
-    """N:M sparsity for ``semi``: at most n non-zeros in every m consecutive inputs."""
-    first_layer: int | None = None
-    """First pruned decoder layer; null = 4, scaled down for shallow models."""
-    last_dense: int | None = None
-    """Number of final layers kept dense; null = 2, scaled down for shallow models."""
-    calib_samples: int = 16
-    calib_seq_len: int = 256
+    ratio: float = Field(
+        0.65,
+        ge=0,
+        lt=1,
+        description="Fraction removed: channels/heads (structured, random) or weights "
+        "(unstructured).",
+    )
+    criterion: Literal["auto", "taylor", "magnitude", "wanda", "sparsegpt"] = Field(
+        "auto",
+        description="auto = taylor (structured) or wanda (semi / unstructured); random ignores "
+        "it. structured: taylor | magnitude; semi / unstructured: wanda | sparsegpt | magnitude.",
+    )
+    n: int = Field(2, ge=1)
+    m: int = Field(
+        4,
+        ge=1,
+        description="N:M sparsity for ``semi``: at most n non-zeros in every m consecutive inputs.",
+    )
+    first_layer: int | None = Field(
+        None,
+        ge=0,
+        description="First pruned decoder layer; null = 4, scaled down for shallow models.",
+    )
+    last_dense: int | None = Field(
+        None,
+        ge=0,
+        description="Number of final layers kept dense; null = 2, scaled down for shallow models.",
+    )
+    calib_samples: int = Field(16, ge=1)
+    calib_seq_len: int = Field(256, ge=8)
     seed: int = 0
 
-    def check(self, s: str) -> None:
-        _range(s, "ratio", self.ratio, lo=0, hi=1, hi_open=True)
+    @model_validator(mode="after")
+    def _check(self):
         if self.method in ("structured", "random") and self.criterion not in (
             "auto",
             "taylor",
             "magnitude",
         ):
-            _fail(f"{s}.criterion", self.criterion, f"taylor or magnitude for method {self.method}")
+            raise _bad("criterion", self.criterion, f"taylor or magnitude for method {self.method}")
         if self.method in ("semi", "unstructured") and self.criterion == "taylor":
-            _fail(
-                f"{s}.criterion", self.criterion, "wanda, sparsegpt or magnitude for sparse methods"
+            raise _bad(
+                "criterion", self.criterion, "wanda, sparsegpt or magnitude for sparse methods"
             )
-        _range(s, "m", self.m, lo=1)
-        _range(s, "n", self.n, lo=1, hi=self.m)
-        _range(s, "first_layer", self.first_layer, lo=0)
-        _range(s, "last_dense", self.last_dense, lo=0)
-        _range(s, "calib_samples", self.calib_samples, lo=1)
-        _range(s, "calib_seq_len", self.calib_seq_len, lo=8)
+        _check_range("n", self.n, lo=1, hi=self.m)
+        return self
 
     @property
     def resolved_criterion(self) -> str:
@@ -227,145 +337,124 @@ class PruneParams:
         return self.criterion
 
 
-@dataclass
-class AlignParams:
-    enabled: bool = True
-    max_steps: int = 30
-    lr: float = 5e-5
-    warmup_steps: int = 5
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    micro_batch: int = 2
-    grad_accum: int = 1
-    seq_len: int = 256
-    weight_decay: float = 0.0
-    train_embeddings: bool = False
-    save_every: int = 50
-    keep_checkpoint: bool = False
-    """Keep the last checkpoint after the run completes (false: delete it, saving disk)."""
-    max_val_blocks: int = 16
-    seed: int = 0
+_KEEP = "Keep the last checkpoint after the run completes (false: delete it, saving disk)."
 
-    def check(self, s: str) -> None:
-        _range(s, "max_steps", self.max_steps, lo=0)
-        _range(s, "lr", self.lr, lo=0, lo_open=True)
-        _range(s, "warmup_steps", self.warmup_steps, lo=0)
-        for k in ("micro_batch", "grad_accum", "save_every", "max_val_blocks"):
-            _range(s, k, getattr(self, k), lo=1)
-        _range(s, "seq_len", self.seq_len, lo=8)
-        _range(s, "weight_decay", self.weight_decay, lo=0)
+
+class AlignParams(_Params):
+    enabled: bool = True
+    max_steps: int = Field(20, ge=0)
+    lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    schedule: Schedule = "cosine"
+    micro_batch: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(256, ge=8)
+    weight_decay: float = Field(0.0, ge=0)
+    train_embeddings: bool = Field(
+        False,
+        description="Also train the input embeddings (never when tied to lm_head; lm_head is "
+        "never trained).",
+    )
+    save_every: int = Field(10, ge=1)
+    keep_checkpoint: bool = Field(False, description=_KEEP)
+    max_val_blocks: int = Field(
+        16, ge=1, description="Held-out ``seq_len`` blocks for the validation loss."
+    )
+    seed: int = 0
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LoraTarget = Literal[LORA_TARGETS]
 
 
-@dataclass
-class TrainParams:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+class TrainParams(_Params):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[LoraTarget] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
     lm_head: bool = False
-    lr: float = 1e-3
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 5
-    micro_batch: int = 4
-    grad_accum: int = 1
-    max_steps: int = 60
-    seq_len: int = 256
-    save_every: int = 20
-    keep_checkpoint: bool = False
-    """Keep the last checkpoint after the run completes (false: delete it, saving disk)."""
-    eval_every: int = 20
-    max_val_rows: int = 32
-    """Validation rows scored every ``eval_every`` steps (the rest is for the evaluate stage)."""
-    weight_decay: float = 0.0
-    quantize: Literal["none", "nf4"] = "none"
-    seed: int = 0
-
-    def check(self, s: str) -> None:
-        _range(s, "r", self.r, lo=1)
-        _range(s, "alpha", self.alpha, lo=0, lo_open=True)
-        _range(s, "dropout", self.dropout, lo=0, hi=1, hi_open=True)
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if bad or not self.targets:
-            _fail(f"{s}.targets", self.targets, "a non-empty list from " + ", ".join(LORA_TARGETS))
-        _range(s, "lr", self.lr, lo=0, lo_open=True)
-        _range(s, "warmup_steps", self.warmup_steps, lo=0)
-        for k in (
-            "micro_batch",
-            "grad_accum",
-            "max_steps",
-            "save_every",
-            "eval_every",
-            "max_val_rows",
-        ):
-            _range(s, k, getattr(self, k), lo=1)
-        _range(s, "seq_len", self.seq_len, lo=8)
-        _range(s, "weight_decay", self.weight_decay, lo=0)
-
-
-@dataclass
-class RecoverParams:
-    norm_a: bool = False
-    """Fill pruned columns of lora_A with N(0, 1/r) as the reference's ``normA`` option."""
-    mask_update: bool = False
-    """Sparse variants: zero B·A wherever the base weight was pruned, so merging keeps sparsity."""
+    lr: float = Field(3e-4, gt=0)
+    schedule: Schedule = "cosine"
+    warmup_steps: int = Field(5, ge=0)
+    micro_batch: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(40, ge=1)
+    seq_len: int = Field(256, ge=8)
+    save_every: int = Field(10, ge=1)
+    keep_checkpoint: bool = Field(False, description=_KEEP)
+    eval_every: int = Field(20, ge=1)
+    max_val_rows: int = Field(
+        32,
+        ge=1,
+        description="Validation rows scored every ``eval_every`` steps (the rest is for the "
+        "evaluate stage).",
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    quantize: Literal["none", "nf4"] = Field("none", description="nf4: QLoRAM (NF4 base).")
     seed: int = 0
 
 
-@dataclass
-class MergeParams:
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    target: Literal["original", "pruned"] = "original"
-    """original: the dense, unpruned model (LoRAM). pruned: the (aligned) sparse pruned model
-    itself, semi / unstructured only; with recover.mask_update it stays exactly as sparse."""
+class RecoverParams(_Params):
+    norm_a: bool = Field(
+        False,
+        description="Fill pruned columns of lora_A with N(0, 1/r) as the reference's ``normA`` "
+        "option.",
+    )
+    mask_update: bool = Field(
+        False,
+        description="Sparse variants: zero B·A wherever the base weight was pruned, so merging "
+        "keeps sparsity.",
+    )
+    seed: int = 0
+
+
+class MergeParams(_Params):
+    dtype: Dtype = "float32"
+    target: Literal["original", "pruned"] = Field(
+        "original",
+        description="original: the dense, unpruned model (LoRAM). pruned: the (aligned) sparse "
+        "pruned model itself, semi / unstructured only; with recover.mask_update it stays "
+        "exactly as sparse.",
+    )
 
 
 # Benchmark names accepted in params: the task modules' own list (light import, no lm-eval).
 BENCH_TASKS = ("gsm8k", "mathqa", "csr", *CSR_TASKS, "humaneval")
+BenchTask = Literal[BENCH_TASKS]
 
 
-@dataclass
-class EvalParams:
-    ppl_max_rows: int = 100
-    ppl_seq_len: int = 512
-    batch_size: int = 4
-    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "csr", "humaneval"])
-    """Benchmarks through lm-eval (``csr`` = the six common-sense tasks); [] to skip."""
-    source: Literal["local", "hub"] = "local"
-    """local: package-shipped data with task configs matching lm-eval's; hub: stock lm-eval tasks."""
-    limit: dict[str, int] = field(default_factory=dict)
-    """Documents per task (keys: task names or ``csr``); absent = all (the paper setting)."""
-    num_fewshot: dict[str, int] = field(default_factory=dict)
-    """Shots per task; absent = the paper's (GSM8K 8, MathQA 1, CSR 1, HumanEval 0)."""
-    max_gen_toks: int | None = None
-    humaneval_n: int = 10
-    humaneval_temperature: float = 0.8
-    humaneval_top_p: float = 0.95
+class EvalParams(_Params):
+    ppl_max_rows: int = Field(30, ge=1)
+    ppl_seq_len: int = Field(384, ge=8)
+    batch_size: int = Field(4, ge=1)
+    tasks: list[BenchTask] = Field(
+        default_factory=lambda: ["gsm8k", "csr", "humaneval"],
+        description="Benchmarks through lm-eval (``csr`` = the six common-sense tasks); [] to skip.",
+    )
+    source: Literal["local", "hub"] = Field(
+        "local",
+        description="local: package-shipped data with task configs matching lm-eval's; hub: "
+        "stock lm-eval tasks.",
+    )
+    limit: dict[BenchTask, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: {"gsm8k": 5, "csr": 10, "humaneval": 3},
+        description="Documents per task (keys: task names or ``csr``); absent = all (the paper "
+        "setting).",
+    )
+    num_fewshot: dict[BenchTask, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Shots per task; absent = the paper's (GSM8K 8, MathQA 1, CSR 1, HumanEval 0).",
+    )
+    max_gen_toks: int | None = Field(
+        256, ge=1, description="Generation length cap for every benchmark; null = each task's own."
+    )
+    humaneval_n: int = Field(2, ge=1)
+    humaneval_temperature: float = Field(0.8, ge=0)
+    humaneval_top_p: float = Field(0.95, gt=0, le=1)
     seed: int = 0
 
-    def check(self, s: str) -> None:
-        _range(s, "ppl_max_rows", self.ppl_max_rows, lo=1)
-        _range(s, "ppl_seq_len", self.ppl_seq_len, lo=8)
-        _range(s, "batch_size", self.batch_size, lo=1)
-        bad = [t for t in self.tasks if t not in BENCH_TASKS]
-        if bad:
-            _fail(f"{s}.tasks", self.tasks, "a list from " + ", ".join(BENCH_TASKS))
-        for k in {**self.limit, **self.num_fewshot}:
-            if k not in BENCH_TASKS:
-                _fail(f"{s}.limit/num_fewshot key", k, "a task name from " + ", ".join(BENCH_TASKS))
-        for k, v in self.limit.items():
-            _range(s, f"limit.{k}", v, lo=1)
-        for k, v in self.num_fewshot.items():
-            _range(s, f"num_fewshot.{k}", v, lo=0)
-        _range(s, "max_gen_toks", self.max_gen_toks, lo=1)
-        _range(s, "humaneval_n", self.humaneval_n, lo=1)
-        _range(s, "humaneval_temperature", self.humaneval_temperature, lo=0)
-        _range(s, "humaneval_top_p", self.humaneval_top_p, lo=0, hi=1, lo_open=True)
 
-
-@dataclass
-class VariantParams:
+class VariantParams(_Params):
     """One extra arm run in a single stage: overrides of the shared sections.
 
     kind ``loram``: prune -> align -> train -> recover -> merge -> evaluate with the overrides;
@@ -374,12 +463,12 @@ class VariantParams:
 
     kind: Literal["loram", "lora"] = "loram"
     description: str = ""
-    base: dict[str, Any] = field(default_factory=dict)
-    prune: dict[str, Any] = field(default_factory=dict)
-    align: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-    recover: dict[str, Any] = field(default_factory=dict)
-    merge: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, Any] = Field(default_factory=dict)
+    prune: dict[str, Any] = Field(default_factory=dict)
+    align: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    recover: dict[str, Any] = Field(default_factory=dict)
+    merge: dict[str, Any] = Field(default_factory=dict)
 
     def resolved(self, shared: dict[str, Any], name: str) -> dict[str, Any]:
         """The shared sections with this variant's overrides applied (validated)."""
@@ -390,7 +479,7 @@ class VariantParams:
         return out
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type[_Params]] = {
     "base": BaseParams,
     "data": DataParams,
     "prune": PruneParams,
@@ -418,7 +507,7 @@ def parse_variants(raw: Any, shared: dict[str, Any]) -> dict[str, dict[str, Any]
 def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None):
     """Read ``params.yaml`` and parse the named sections (all known ones by default).
 
-    Returns a dict section -> dataclass. Sections that are absent get their defaults; a
+    Returns a dict section -> model. Sections that are absent get their defaults; a
     top-level key that is not a known section is an error.
     """
     path = Path(path)
@@ -452,4 +541,4 @@ def parse_params(raw: dict, sections: typing.Iterable[str] | None = None) -> dic
 
 
 def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
+    return obj.model_dump()

@@ -60,3 +60,22 @@ def test_bad_profile_is_rejected_before_writing(tmp_path):
     with pytest.raises(ParamsError, match="prune.ratio = 1.2"):
         apply_profile(bad, params)
     assert params.read_text() == before
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").glob("*.yaml")))
+def test_every_shipped_profile_validates_on_params_yaml(tmp_path, profile):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    before = params.read_text()
+    merged = apply_profile(ROOT / "profiles" / profile, params, write=False)
+    assert params.read_text() == before
+    parse_params(merged)
+
+
+def test_partial_source_in_a_profile_keeps_the_listed_source_keys(tmp_path):
+    """params.yaml lists every key of data.train; a profile naming a few of them merges in."""
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    merged = apply_profile(ROOT / "profiles" / "ci.yaml", params, write=False)
+    train = parse_params(merged)["data"].train
+    assert (train.name, train.max_rows, train.split, train.format) == ("math", 40, "train", "auto")

@@ -1,4 +1,5 @@
-"""The ``loram`` command. Every sub-command calls the same library functions as the DVC stages."""
+"""The ``loram`` command: one sub-command per pipeline stage (the same typed ``run`` that the
+DVC stage scripts call, see :mod:`loram.pipeline`) plus the tools (memory, report, profile)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,40 @@ import argparse
 import importlib
 import sys
 
-# Modules that contribute sub-commands; each defines ``add_parser(subparsers)`` which registers
-# its command(s) with ``set_defaults(func=callable(args) -> int | None)``.
-COMMAND_MODULES = [
-    "loram.commands",
-    "loram.memory",
-    "loram.report",
-    "loram.profiles",
-]
+STAGE_MODULES = (
+    "check",
+    "base",
+    "data",
+    "prune",
+    "align",
+    "train",
+    "recover",
+    "merge",
+    "evaluate",
+    "variant",
+)
+"""Sub-commands backed by ``loram.pipeline.<name>`` (``check`` is the ``params`` stage)."""
+
+TOOL_MODULES = ("loram.memory", "loram.report", "loram.profiles")
+"""Modules that register their own sub-commands with ``add_parser(subparsers)``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loram.pipeline.entry import add_arguments, invoke
+
     parser = argparse.ArgumentParser(
         prog="loram",
         description="LoRAM: prune a model, align it, train LoRA on it, recover the adapter to the "
         "original shapes, merge it into the original model and evaluate.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in STAGE_MODULES:
+        mod = importlib.import_module(f"loram.pipeline.{name}")
+        doc = (mod.__doc__ or "").strip().split("\n\n")[0]
+        sp = sub.add_parser(name, help=doc, description=doc)
+        add_arguments(sp, mod)
+        sp.set_defaults(func=lambda ns, _m=mod: invoke(_m, ns))
+    for name in TOOL_MODULES:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -35,32 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loram.pipeline.entry import guarded
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    import os
-
-    from loram.config import ParamsError
-    from loram.errors import LoramError
-
-    try:
-        rc = args.func(args)
-    except (LoramError, ParamsError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        if os.environ.get("LORAM_DEBUG"):
-            raise
-        print(f"loram {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # permissions, a full disk, a vanished file: the environment's
-        if os.environ.get("LORAM_DEBUG"):
-            raise
-        print(f"loram {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"loram {args.command}: interrupted; re-run to resume", file=sys.stderr)
-        return 130
-    return int(rc or 0)
+    return guarded(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

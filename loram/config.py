@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from loram.evaluate.tasks import CSR_TASKS
+from loram.benchmarks import BENCH_TASKS
 
 
 class ParamsError(ValueError):
@@ -419,7 +419,6 @@ class MergeParams(_Params):
 
 
 # Benchmark names accepted in params: the task modules' own list (light import, no lm-eval).
-BENCH_TASKS = ("gsm8k", "mathqa", "csr", *CSR_TASKS, "humaneval")
 BenchTask = Literal[BENCH_TASKS]
 
 

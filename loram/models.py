@@ -106,7 +106,7 @@ def load_model(
     src = resolve_source(model, gguf_file)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if src.kind == "tiny":
-        from loram.testing import tiny_pretrained
+        from loram.tiny import tiny_pretrained
 
         m, tok = tiny_pretrained(model)
         return m.to(torch_dtype).eval(), (tok if with_tokenizer else None)

@@ -837,13 +837,18 @@ def write_report(
     return paths
 
 
-def _default_meta(args: argparse.Namespace) -> dict[str, Any]:
-    command = (
-        f"loram report --metrics-dir {args.metrics_dir} --loss-dir {args.loss_dir} --out {args.out}"
-    )
-    if args.sweep_json:
-        command += f" --sweep-json {args.sweep_json}"
-    elif args.sweep_from_dvc:
+def default_meta(
+    metrics_dir: str | Path,
+    loss_dir: str | Path,
+    out: str | Path,
+    params_file: str | Path = "params.yaml",
+    sweep_json: str | None = None,
+    sweep_from_dvc: bool = False,
+) -> dict[str, Any]:
+    command = f"loram report --metrics-dir {metrics_dir} --loss-dir {loss_dir} --out {out}"
+    if sweep_json:
+        command += f" --sweep-json {sweep_json}"
+    elif sweep_from_dvc:
         command += " --sweep-from-dvc"
     meta: dict[str, Any] = {
         "command": command,
@@ -851,7 +856,7 @@ def _default_meta(args: argparse.Namespace) -> dict[str, Any]:
         f"Python {platform.python_version()})",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    params = Path(args.params)
+    params = Path(params_file)
     if params.is_file():
         try:
             import yaml
@@ -861,7 +866,7 @@ def _default_meta(args: argparse.Namespace) -> dict[str, Any]:
             doc = {}
         if isinstance(doc.get("eval"), Mapping):
             meta["limits"] = dict(doc["eval"])
-    align = _alignment_effect(Path(args.metrics_dir).parent)
+    align = _alignment_effect(Path(metrics_dir).parent)
     if align:
         meta["alignment (pruned model, general-text perplexity before → after)"] = align
     return meta
@@ -891,9 +896,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows = sweep_rows_from_dvc_exp_json(json.loads(Path(args.sweep_json).read_text()))
     elif args.sweep_from_dvc:
         rows = sweep_rows_from_dvc_exp_json(dvc_exp_show_json())
-    paths = write_report(
-        args.metrics_dir, args.loss_dir, args.out, meta=_default_meta(args), sweep_rows=rows
+    meta = default_meta(
+        args.metrics_dir, args.loss_dir, args.out, args.params, args.sweep_json, args.sweep_from_dvc
     )
+    paths = write_report(args.metrics_dir, args.loss_dir, args.out, meta=meta, sweep_rows=rows)
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0

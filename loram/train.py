@@ -11,7 +11,8 @@ import torch
 
 from loram.config import AlignParams, TrainParams
 from loram.data import encode_rows, pack_text
-from loram.trainloop import LoopConfig, evaluate_loss, train_loop
+from loram.loss import evaluate_loss
+from loram.trainloop import LoopConfig, train_loop
 
 log = logging.getLogger(__name__)
 

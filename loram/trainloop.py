@@ -26,6 +26,7 @@ from transformers import get_scheduler
 from loram.data import collate
 from loram.errors import ArtifactError
 from loram.fsio import dumps
+from loram.loss import batch_loss, evaluate_loss
 
 log = logging.getLogger(__name__)
 
@@ -104,35 +105,6 @@ def batch_indices(n: int, step: int, micro: int, accum: int, seed: int) -> list[
     return out
 
 
-def _batch_loss(model, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of a collated batch and its number of scored tokens."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return loss, int((labels != -100).sum())
-
-
-@torch.no_grad()
-def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
-    """Mean token-level cross-entropy over ``examples`` (labels != -100)."""
-    was_training = model.training
-    model.eval()
-    device = _device_of(model)
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        lp, n = _batch_loss(model, collate(examples[i : i + batch_size], pad_id), device)
-        total += lp.item()
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def train_loop(
     model,
     train_examples: list[dict],
@@ -199,7 +171,7 @@ def train_loop(
         )
         for idx in micro:
             batch = collate([train_examples[i] for i in idx], pad_id)
-            loss, n = _batch_loss(model, batch, device)
+            loss, n = batch_loss(model, batch, device)
             # Token-weighted mean over the whole accumulated step.
             (loss / max(n_tokens, 1)).backward()
             loss_sum += loss.item()

@@ -379,6 +379,8 @@ def check_caching(work: Path, env: Mapping[str, str], say: Callable[[str], None]
                     f"editing {key} would re-run {sorted(wrong)}, which do not depend on it"
                 )
             params.write_text(original)
+        # Editing one library file marks exactly the stages whose code imports it.
+        problems += _check_code_edit(work, env, "loram/recover.py", say)
         # A misspelled section must stop `dvc repro` with a message naming it.
         params.write_text(original + "\nprun: {ratio: 0.3}\n")
         proc = subprocess.run(
@@ -398,6 +400,30 @@ def check_caching(work: Path, env: Mapping[str, str], say: Callable[[str], None]
             f"after restoring params.yaml, dvc status reports changed stages: {sorted(stale)}"
         )
     return problems
+
+
+def _check_code_edit(
+    work: Path, env: Mapping[str, str], rel: str, say: Callable[[str], None]
+) -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_stage_deps", work / "scripts" / "stage_deps.py")
+    sd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd)
+    want = {name for name, code in sd.stage_code(work).items() if rel in code}
+    path = work / rel
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# edited by the CI cache check\n")
+        got = {s.split("@")[0] for s in changed_stages(work, env)}
+    finally:
+        path.write_text(original)
+    say(f"  edit {rel}: changed stages {sorted(got)}")
+    if got != want:
+        return [
+            f"editing {rel} marks stages {sorted(got)}, but the stages importing it are {sorted(want)}"
+        ]
+    return []
 
 
 # ------------------------------------------------------------------------------- main

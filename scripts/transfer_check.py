@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from loram.commands import calibration_batches
     from loram.config import TrainParams
     from loram.data import load_rows, split_rows
     from loram.evaluate.perplexity import perplexity
     from loram.merge import merge_adapter
     from loram.models import load_model
+    from loram.pipeline.prune import calibration_batches
     from loram.prune.common import pruned_layers
     from loram.prune.structured import prune_structured
     from loram.recover import recover_adapter

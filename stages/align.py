@@ -1,6 +1,9 @@
-"""DVC stage 'align': a thin entry point; all logic lives in loram.commands.cmd_align."""
+"""DVC stage 'align': parses its options and calls loram.pipeline.align.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import align
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("align")
+    sys.exit(stage_main(align))

@@ -1,6 +1,9 @@
-"""DVC stage 'base': a thin entry point; all logic lives in loram.commands.cmd_base."""
+"""DVC stage 'base': parses its options and calls loram.pipeline.base.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import base
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("base")
+    sys.exit(stage_main(base))

@@ -1,6 +1,9 @@
-"""DVC stage 'data': a thin entry point; all logic lives in loram.commands.cmd_data."""
+"""DVC stage 'data': parses its options and calls loram.pipeline.data.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import data
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("data")
+    sys.exit(stage_main(data))

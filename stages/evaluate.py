@@ -1,6 +1,9 @@
-"""DVC stage 'evaluate': a thin entry point; all logic lives in loram.commands.cmd_evaluate."""
+"""DVC stage 'evaluate': parses its options and calls loram.pipeline.evaluate.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import evaluate
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("evaluate")
+    sys.exit(stage_main(evaluate))

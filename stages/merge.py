@@ -1,6 +1,9 @@
-"""DVC stage 'merge': a thin entry point; all logic lives in loram.commands.cmd_merge."""
+"""DVC stage 'merge': parses its options and calls loram.pipeline.merge.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import merge
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("merge")
+    sys.exit(stage_main(merge))

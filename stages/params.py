@@ -1,6 +1,9 @@
-"""DVC stage 'params': validate the whole params.yaml (an unknown section fails here)."""
+"""DVC stage 'params': validates the whole params.yaml (loram.pipeline.check.run)."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import check
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("check")
+    sys.exit(stage_main(check))

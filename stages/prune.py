@@ -1,6 +1,9 @@
-"""DVC stage 'prune': a thin entry point; all logic lives in loram.commands.cmd_prune."""
+"""DVC stage 'prune': parses its options and calls loram.pipeline.prune.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import prune
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("prune")
+    sys.exit(stage_main(prune))

@@ -1,6 +1,9 @@
-"""DVC stage 'recover': a thin entry point; all logic lives in loram.commands.cmd_recover."""
+"""DVC stage 'recover': parses its options and calls loram.pipeline.recover.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import recover
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("recover")
+    sys.exit(stage_main(recover))

@@ -1,6 +1,9 @@
-"""DVC stage 'report': reports/results.md and plots; logic in loram.report."""
+"""DVC stage 'report': parses its options and calls loram.pipeline.report.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import report
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("report")
+    sys.exit(stage_main(report))

@@ -1,6 +1,9 @@
-"""DVC stage 'train': a thin entry point; all logic lives in loram.commands.cmd_train."""
+"""DVC stage 'train': parses its options and calls loram.pipeline.train.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import train
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("train")
+    sys.exit(stage_main(train))

@@ -1,6 +1,9 @@
-"""DVC stage 'variant@NAME': one extra arm end to end; logic in loram.commands.cmd_variant."""
+"""DVC stage 'variant': parses its options and calls loram.pipeline.variant.run."""
 
-from loram.commands import main_stage
+import sys
+
+from loram.pipeline import variant
+from loram.pipeline.entry import stage_main
 
 if __name__ == "__main__":
-    main_stage("variant")
+    sys.exit(stage_main(variant))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from loram.data import encode_rows
-from loram.trainloop import evaluate_loss
+from loram.loss import evaluate_loss
 
 
 def perplexity(model, tokenizer, rows: list[dict], seq_len: int = 512, batch_size: int = 4) -> dict:

@@ -210,3 +210,14 @@ def load_pruned(
     apply_structure(model, manifest)
     _load_strict(model, load_safetensors_dir(d), dtype, where=str(d))
     return model.to(device).eval(), manifest
+
+
+def load_pruned_with_masks(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """``(model, manifest, masks)`` of a pruned directory; ``masks`` is None unless sparse."""
+    model, manifest = load_pruned(path, dtype=dtype)
+    masks = None
+    if manifest.get("masks_file"):
+        from loram.prune.masks import load_masks
+
+        masks = load_masks(Path(path) / manifest["masks_file"])
+    return model, manifest, masks

@@ -21,17 +21,10 @@ from typing import Any
 
 import yaml
 
+from loram.benchmarks import CSR_TASKS
 from loram.evaluate.tasks import data
 
 TASK_DIR = Path(__file__).resolve().parent
-CSR_TASKS: tuple[str, ...] = (
-    "arc_challenge",
-    "arc_easy",
-    "hellaswag",
-    "openbookqa",
-    "piqa",
-    "winogrande",
-)
 _STD = {"training_split": "train", "validation_split": "validation", "test_split": "test"}
 _NO_TEST = {"training_split": "train", "validation_split": "validation", "test_split": None}
 

@@ -1,0 +1,57 @@
+"""Stage ``align`` (offline): continual pre-training of W0^P on general text (or a copy)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from loram.config import AlignParams
+from loram.pipeline.common import check_outputs, need_file, write_metrics
+
+NAME = "align"
+SECTIONS = ("align",)
+OPTIONS = {
+    "pruned": "artifacts/pruned",
+    "data": "artifacts/data",
+    "out": "artifacts/aligned",
+    "checkpoints": "artifacts/checkpoints/align",
+    "metrics": "metrics/align.json",
+    "plots": "plots/loss/align.csv",
+}
+
+
+def run(
+    p: AlignParams, *, pruned: str, data: str, out: str, checkpoints: str, metrics: str, plots: str
+) -> dict:
+    from loram.data import read_jsonl
+    from loram.fsio import atomic_dir
+    from loram.models import load_tokenizer
+    from loram.prune.artifact import load_pruned_with_masks, read_manifest, save_pruned
+    from loram.train import align_model, write_loss_csv
+
+    check_outputs("align", out, [pruned, data], metrics=metrics, plots=plots)
+    read_manifest(pruned)  # a pruned directory, or a clear error
+    if not p.enabled:
+        with atomic_dir(out, "align", [pruned]) as tmp:
+            shutil.copytree(pruned, tmp, dirs_exist_ok=True)
+        write_metrics(metrics, {"enabled": False})
+        write_loss_csv(plots, [], "align")
+        return {"enabled": False}
+    texts = [r["text"] for r in read_jsonl(need_file(Path(data) / "align.jsonl", "data"))]
+    val_texts = [r["text"] for r in read_jsonl(need_file(Path(data) / "align_val.jsonl", "data"))]
+    model, manifest, masks = load_pruned_with_masks(pruned)
+    tok = load_tokenizer(pruned)
+    res = align_model(model, tok, texts, p, checkpoints, masks=masks, val_texts=val_texts)
+    manifest = dict(manifest, aligned={"steps": p.max_steps, "tokens": res["tokens"], "lr": p.lr})
+    extra = {}
+    if masks:
+        from loram.prune.masks import save_masks
+
+        extra[manifest["masks_file"]] = lambda path: save_masks(path, masks)
+    save_pruned(
+        model, manifest, out, tokenizer=tok, command="align", inputs=[pruned], extra_files=extra
+    )
+    write_loss_csv(plots, res.pop("history"), "align")
+    res = {"enabled": True, **res}
+    write_metrics(metrics, res)
+    return res

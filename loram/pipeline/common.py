@@ -1,0 +1,72 @@
+"""Small helpers shared by the stage modules: logging, metrics files, input checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from loram.errors import ArtifactError
+from loram.fsio import atomic_write_json, check_output_dir, check_output_file
+
+log = logging.getLogger("loram")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def write_metrics(path: str | Path, obj: dict, option: str = "--metrics") -> None:
+    atomic_write_json(check_output_file(path, (".json",), option), obj)
+    log.info("wrote %s", path)
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the stage that produces it first")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path} is not valid JSON ({exc}); re-run the stage that makes it"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path} is not a JSON object")
+    return obj
+
+
+def need_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(
+            f"{what} {str(path)!r} does not exist; run the stage that makes it (or `dvc checkout`)"
+        )
+    return p
+
+
+def need_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not str(path) or not p.is_dir():
+        raise ArtifactError(f"{what} directory {str(path)!r} does not exist")
+    return p
+
+
+def check_outputs(
+    command: str,
+    out: str | Path | None = None,
+    inputs=(),
+    metrics: str | Path | None = None,
+    plots: str | Path | None = None,
+) -> None:
+    """Cheap checks before any heavy work: the output paths may be written."""
+    if out is not None:
+        check_output_dir(out, command, inputs)
+    if metrics:
+        check_output_file(metrics, (".json",), "--metrics")
+    if plots:
+        check_output_file(plots, (".csv",), "--plots")

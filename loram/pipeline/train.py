@@ -1,0 +1,82 @@
+"""Stage ``train`` (online): LoRA (QLoRA with ``train.quantize: nf4``) on the aligned pruned
+model, or on a plain model (the LoRA-on-the-full-model baseline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loram.config import TrainParams, to_dict
+from loram.pipeline.common import check_outputs, need_dir, need_file, write_metrics
+
+NAME = "train"
+SECTIONS = ("train",)
+OPTIONS = {
+    "model": "artifacts/aligned",
+    "data": "artifacts/data",
+    "out": "artifacts/adapter_pruned",
+    "arm": "loram",
+    "checkpoints": "artifacts/checkpoints/train",
+    "metrics": "metrics/train/loram.json",
+    "plots": "plots/loss/loram.csv",
+}
+
+
+def load_trainable_base(path: str):
+    """``(model, manifest)``: a pruned directory (with manifest) or a plain HF model dir."""
+    if (Path(path) / "loram_manifest.json").exists():
+        from loram.prune.artifact import load_pruned_with_masks
+
+        model, manifest, _ = load_pruned_with_masks(path)
+        return model, manifest
+    from loram.models import load_hf_model
+
+    return load_hf_model(path, "float32"), None
+
+
+def run(
+    p: TrainParams,
+    *,
+    model: str,
+    data: str,
+    out: str,
+    arm: str,
+    checkpoints: str,
+    metrics: str,
+    plots: str,
+) -> dict:
+    from loram.data import read_jsonl
+    from loram.fsio import atomic_dir, dumps
+    from loram.models import count_params, load_tokenizer
+    from loram.train import train_lora, write_loss_csv
+
+    check_outputs("train", out, [model, data], metrics=metrics, plots=plots)
+    train_rows = read_jsonl(need_file(Path(data) / "train.jsonl", "training data"))
+    val_rows = read_jsonl(need_file(Path(data) / "val.jsonl", "validation data"))
+    need_dir(model, "model")
+    trained_on: dict = {"model_dir": str(model)}
+    if (Path(model) / "loram_manifest.json").exists():
+        from loram.prune.artifact import structure_digest
+
+        trained_on["structure"] = structure_digest(model)
+    net, manifest = load_trainable_base(model)
+    original = (manifest or {}).get("params", {}).get("original") or count_params(net)
+    tok = load_tokenizer(model)
+    with atomic_dir(out, "train", [model, data]) as tmp:
+        res = train_lora(net, tok, train_rows, val_rows, p, tmp, checkpoints)
+        provenance = {
+            "arm": arm,
+            "train": to_dict(p),
+            "pruned": manifest is not None,
+            "trained_on": trained_on,
+        }
+        (tmp / "loram_train.json").write_text(dumps(provenance), encoding="utf-8")
+    write_loss_csv(plots, res.pop("history"), arm)
+    res.update(arm=arm, params_original=original, reduction=round(original / res["params_held"], 4))
+    if manifest is not None:
+        res.update(
+            method=manifest.get("method"),
+            ratio=manifest.get("ratio"),
+            aligned="aligned" in manifest,
+        )
+    write_metrics(metrics, res)
+    return res

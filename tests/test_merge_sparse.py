@@ -78,11 +78,8 @@ def test_masked_merge_into_sparse_model_keeps_pruned_weights_zero(sparse_setup):
     for path, keep in masks.items():
         assert torch.all(weights[path + ".weight"][~keep] == 0), path
     assert info["densified"] is False
-    assert (
-        info["sparsity_pruned_after"]
-        == pytest.approx(info["sparsity_pruned_before"])
-        == pytest.approx(0.5)
-    )
+    # ratios of exact zero counts (2:4 keeps exactly half): equal, not close
+    assert info["sparsity_pruned_after"] == info["sparsity_pruned_before"] == 0.5
     # the update really landed on the kept weights of an adapted module
     pruned = load_file(str(tmp / "pruned" / "model.safetensors"))
     w = "model.layers.1.mlp.up_proj.weight"

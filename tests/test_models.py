@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import torch
+from tolerance import assert_within, forward_tol
 
-from loram.models import atomic_dir, count_params, load_model, resolve_source, save_model_dir
+from loram.models import count_params, load_model, resolve_source, save_model_dir
 from loram.testing import tiny_llama, tiny_qwen2
 
 
@@ -11,14 +14,17 @@ def test_local_dir_round_trip(tmp_path, build):
     save_model_dir(model, None, tmp_path / "m")
     loaded, tok = load_model(str(tmp_path / "m"), with_tokenizer=False)
     assert tok is None
-    x = torch.randint(0, 128, (2, 9))
-    with torch.no_grad():
-        assert torch.allclose(model(x).logits, loaded(x).logits, atol=1e-4)
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the reload may pick another attention kernel (sdpa vs eager)
+        want = copy.deepcopy(model).double()(x).logits  # reference in float64
+        got = loaded(x).logits
+    assert_within(got, want, forward_tol(model.config, want), "reloaded model's logits")
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values())
     )
     assert count_params(loaded) == count_params(model)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        ".loram-output.json",
         "config.json",
         "generation_config.json",
         "model.safetensors",
@@ -35,21 +41,6 @@ def test_resolve_source_errors(tmp_path):
         resolve_source(str(tmp_path / "missing" / "dir"))
     assert resolve_source("HuggingFaceTB/SmolLM2-135M").kind == "hub"
     assert resolve_source("smollm2-135m").kind == "embedded"
-
-
-def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(out) as tmp:
-            (tmp / "half.txt").write_text("partial")
-            raise RuntimeError("interrupted")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert (out / "keep.txt").read_text() == "old"
-    with atomic_dir(out) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert [p.name for p in out.iterdir()] == ["new.txt"]
 
 
 @pytest.mark.slow

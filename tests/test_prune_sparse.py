@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tolerance import max_ratio, reduction_tol
 
 from loram.prune.common import LINEAR_PROJ, module_path, pruned_layers
 from loram.prune.masks import load_masks, pack_mask, save_masks, unpack_mask
@@ -74,7 +75,7 @@ def test_nm_pattern_every_group(tiny_model, criterion, nm):
         assert bool((groups >= m - n).all()), path
         assert bool((keep.reshape(w.shape[0], -1, m).sum(dim=2) == n).all()), path
     report = sparsity_report(tiny_model, masks)
-    assert report["pruned"]["sparsity"] == pytest.approx(1 - n / m, abs=1e-3)
+    assert report["pruned"]["zeros"] * m == report["pruned"]["numel"] * (m - n)  # counts: exact
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -144,8 +145,11 @@ def test_sparsegpt_lazy_blocks_equal_one_block():
     one, keep_one = sparsegpt_prune(w, h, pattern="nm", n=2, m=4, blocksize=128)
     many, keep_many = sparsegpt_prune(w, h, pattern="nm", n=2, m=4, blocksize=8)
     assert torch.equal(keep_one, keep_many)
-    torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(one[keep_one], w[keep_one])  # kept weights were updated (OBS)
+    # Both compute W[:, k] - Σ_{j<k} err_j·H⁻¹[j, k], a reduction over the 40 columns, in float32,
+    # in a different order (rank-1 updates vs deferred block products).
+    tol = reduction_tol(w.shape[1], one.abs().max().item(), paths=2)
+    assert max_ratio(many, one, tol) <= 1
+    assert max_ratio(one[keep_one], w[keep_one], tol) > 1  # kept weights were updated (OBS)
     un, keep = sparsegpt_prune(w, h, pattern="unstructured", ratio=0.55, blocksize=8)
     assert int((un == 0).sum()) == int((~keep).sum()) == target_zeros(w.numel(), 0.55)
 
@@ -320,14 +324,14 @@ def test_sparsity_report_counts_the_weights():
             assert entry["zeros"] == z and entry["numel"] == w.size
             lz, ln = lz + z, ln + w.size
         assert report["layers"][str(i)]["zeros"] == lz
-        assert report["layers"][str(i)]["sparsity"] == pytest.approx(lz / ln)
+        assert report["layers"][str(i)]["sparsity"] == lz / ln  # ratios of exact counts
         total_z, total_n = total_z + lz, total_n + ln
-    assert report["pruned"]["sparsity"] == pytest.approx(total_z / total_n)
+    assert report["pruned"]["sparsity"] == total_z / total_n
     all_n = sum(
         model.get_submodule(module_path(i, p)).weight.numel() for i in range(6) for p in LINEAR_PROJ
     )
     assert report["decoder_linear"]["numel"] == all_n
-    assert report["decoder_linear"]["sparsity"] == pytest.approx(total_z / all_n)
+    assert report["decoder_linear"]["sparsity"] == total_z / all_n
 
 
 def test_manifest():

@@ -214,7 +214,7 @@ def _check_range(field: str, value, lo=None, hi=None) -> None:
 # --------------------------------------------------------------------------------------------
 # Sections
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 Schedule = Literal["cosine", "linear", "constant"]
 
 
@@ -232,7 +232,11 @@ class BaseParams(_Params):
         "GGUF files.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    dtype: Dtype = "float32"
+    dtype: Dtype = Field(
+        "float32",
+        description="dtype of every saved artifact and stage (fp32 kept where needed); auto = "
+        "bfloat16 on a GPU that supports it, float32 otherwise.",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -409,7 +413,10 @@ class RecoverParams(_Params):
 
 
 class MergeParams(_Params):
-    dtype: Dtype = "float32"
+    dtype: Dtype = Field(
+        "auto",
+        description="dtype of the merged model; auto = the merge target's (the base stage's).",
+    )
     target: Literal["original", "pruned"] = Field(
         "original",
         description="original: the dense, unpruned model (LoRAM). pruned: the (aligned) sparse "
@@ -454,13 +461,14 @@ class EvalParams(_Params):
 
 
 class VariantParams(_Params):
-    """One extra arm run in a single stage: overrides of the shared sections.
+    """A baseline on another model, run in one stage (``variant@NAME``): plain LoRA on ``base``
+    (e.g. a smaller model of the same family) -> merge -> evaluate, with these overrides."""
 
-    kind ``loram``: prune -> align -> train -> recover -> merge -> evaluate with the overrides;
-    kind ``lora``: plain LoRA on ``base`` (e.g. a smaller model of the same family).
-    """
-
-    kind: Literal["loram", "lora"] = "loram"
+    kind: Literal["lora"] = Field(
+        "lora",
+        description="lora: plain LoRA on another model. LoRAM arms are ``bases`` + ``arms``, "
+        "which share their pruned and aligned bases (DVC stages of their own).",
+    )
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
     prune: dict[str, Any] = Field(default_factory=dict)
@@ -476,6 +484,33 @@ class VariantParams(_Params):
             merged = {**to_dict(shared[sec]), **getattr(self, sec)}
             out[sec] = parse_section(SECTIONS[sec], merged, f"variants.{name}.{sec}")
         return out
+
+
+class BaseSpec(_Params):
+    """One pruned + aligned base (``bases.NAME``): pruned and aligned once, shared by every arm
+    that names it. Overrides of the ``prune`` and ``align`` sections."""
+
+    description: str = ""
+    prune: dict[str, Any] = Field(default_factory=dict)
+    align: dict[str, Any] = Field(default_factory=dict)
+
+
+class ArmSpec(_Params):
+    """One LoRAM fine-tune (``arms.NAME``): LoRA trained on ``bases.<base>``, recovered, merged
+    into the original model and evaluated. Overrides of ``train``, ``recover`` and ``merge``."""
+
+    base: str = Field(description="the name of an entry of ``bases``")
+    description: str = ""
+    train: dict[str, Any] = Field(default_factory=dict)
+    recover: dict[str, Any] = Field(default_factory=dict)
+    merge: dict[str, Any] = Field(default_factory=dict)
+
+
+NAMED: dict[str, tuple[type[_Params], tuple[str, ...]]] = {
+    "bases": (BaseSpec, ("prune", "align")),
+    "arms": (ArmSpec, ("train", "recover", "merge")),
+}
+"""Top-level maps of named entries, the model of an entry and the sections it may override."""
 
 
 SECTIONS: dict[str, type[_Params]] = {
@@ -504,30 +539,25 @@ def parse_variants(raw: Any, shared: dict[str, Any]) -> dict[str, dict[str, Any]
 
 
 def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None):
-    """Read ``params.yaml`` and parse the named sections (all known ones by default).
+    """Read ``params.yaml`` and parse the named sections (all known ones, plus ``variants``,
+    ``bases`` and ``arms``, by default).
 
     Returns a dict section -> model. Sections that are absent get their defaults; a
     top-level key that is not a known section is an error.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"params file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"params file {str(path)!r} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ParamsError(f"params file {str(path)!r} must be a mapping of sections")
-    return parse_params(raw, sections)
+    return parse_params(load_raw(path), sections)
 
 
 def parse_params(raw: dict, sections: typing.Iterable[str] | None = None) -> dict[str, Any]:
     extra = sorted(
-        k for k in raw if k not in SECTIONS and k != "variants" and not k.startswith("_")
+        k
+        for k in raw
+        if k not in SECTIONS and k not in NAMED and k != "variants" and not k.startswith("_")
     )
     if extra:
         raise ParamsError(
-            f"{extra[0]} is not a known params section; allowed: " + ", ".join(SECTIONS)
+            f"{extra[0]} is not a known params section; allowed: "
+            + ", ".join([*SECTIONS, *NAMED, "variants"])
         )
     names = list(SECTIONS) if sections is None else list(sections)
     want_variants = "variants" in names
@@ -536,7 +566,70 @@ def parse_params(raw: dict, sections: typing.Iterable[str] | None = None) -> dic
     if want_variants or sections is None:
         shared = {n: out.get(n) or parse_section(SECTIONS[n], raw.get(n), n) for n in SECTIONS}
         out["variants"] = parse_variants(raw.get("variants"), shared)
+    if sections is None:
+        for kind in NAMED:
+            out[kind] = {name: resolve_named(raw, kind, name) for name in _named(raw, kind)}
     return out
+
+
+def _named(raw: dict, kind: str) -> dict[str, Any]:
+    entries = raw.get(kind)
+    if entries is None:
+        return {}
+    if not isinstance(entries, dict):
+        _fail(kind, entries, f"a mapping of name -> {NAMED[kind][0].__name__} overrides")
+    for name in entries:
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            _fail(f"{kind} name", name, "letters, digits, '_' and '-' (it names a DVC stage)")
+    return entries
+
+
+def resolve_named(raw: dict, kind: str, name: str) -> dict[str, Any]:
+    """The sections of ``raw`` with the overrides of ``raw[kind][name]`` applied (validated):
+    ``{"spec": BaseSpec | ArmSpec, "prune": PruneParams, ...}``."""
+    entries = _named(raw, kind)
+    if name not in entries:
+        raise ParamsError(
+            f"{kind}.{name} is not in the params file; defined: {', '.join(entries) or '(none)'}"
+        )
+    cls, overridable = NAMED[kind]
+    spec = parse_section(cls, entries[name], f"{kind}.{name}")
+    if kind == "arms" and spec.base not in _named(raw, "bases"):
+        _fail(
+            f"arms.{name}.base",
+            spec.base,
+            "the name of an entry of bases: " + ", ".join(_named(raw, "bases")),
+        )
+    out: dict[str, Any] = {"spec": spec}
+    for sec in overridable:
+        shared = parse_section(SECTIONS[sec], raw.get(sec), sec)
+        merged = {**to_dict(shared), **getattr(spec, sec)}
+        out[sec] = parse_section(SECTIONS[sec], merged, f"{kind}.{name}.{sec}")
+    return out
+
+
+def load_raw(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {str(path)!r} does not exist or is not a file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"params file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params file {str(path)!r} must be a mapping of sections")
+    return raw
+
+
+def load_named(
+    path: str | Path, kind: str, name: str, sections: typing.Iterable[str]
+) -> dict[str, Any]:
+    """``load_params`` for the stage of one named base or arm: its sections with the entry's
+    overrides applied (sections it cannot override are the shared ones), plus ``spec``."""
+    raw = load_raw(path)
+    plain = parse_params(raw, sections)
+    named = resolve_named(raw, kind, name)
+    return {**plain, **{k: v for k, v in named.items() if k == "spec" or k in plain}}
 
 
 def to_dict(obj) -> dict:

@@ -4,6 +4,10 @@ Without masks this is peft's ``merge_and_unload``: W ← W + scale·B·A. With `
 (module path -> bool tensor of W's shape, True = kept weight) the update of those modules is
 masked before it is added, W ← W + mask ⊙ (scale·B·A), so weights a sparse method zeroed stay
 exactly as they are in the base.
+
+The sum is computed in fp32 for every plain LoRA linear layer, whatever the base's dtype, and
+rounded to it once: a bf16 / fp16 base gets round(W + scale·B·A), the bf16 rounding of the
+exact fp32 merge, never the sum of two separately rounded terms.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import nn
 
 from loram.errors import ArtifactError
 from loram.fsio import atomic_dir
-from loram.models import check_adapter_dir, check_safetensors, load_hf_model
+from loram.models import artifact_dtype, check_adapter_dir, check_safetensors, load_hf_model
 from loram.prune.artifact import MANIFEST_NAME, read_manifest
 from loram.prune.structured import STRUCTURED_METHODS
 from loram.recover import ADAPTER_WEIGHTS, read_provenance
@@ -118,6 +122,7 @@ def merge_adapter(
     bool tensor shaped like that module's weight; masked-out weights are left untouched.
     """
     from peft import PeftModel
+    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     adapter_dir = Path(adapter_dir)
@@ -125,9 +130,11 @@ def merge_adapter(
     precheck_adapter(model, adapter_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     _check_adapter_fits(peft_model, adapter_dir)
-    if not masks:
-        return peft_model.merge_and_unload()
 
+    check = getattr(peft_model.base_model, "_check_merge_allowed", None)
+    if check is not None:  # what peft's merge_and_unload checks first (gptq, replicated layers)
+        check()
+    masks = masks or {}
     inner = peft_model.base_model.model
     modules = dict(inner.named_modules())
     unknown = sorted(set(masks) - set(modules))
@@ -136,26 +143,36 @@ def merge_adapter(
     for name, mod in modules.items():
         if not isinstance(mod, LoraLayer):
             continue
-        if name not in masks:
-            mod.merge()
-            continue
         base = mod.get_base_layer()
-        mask = masks[name]
-        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(base.weight.shape):
+        mask = masks.get(name)
+        if mask is not None and (
+            mask.dtype != torch.bool or tuple(mask.shape) != tuple(base.weight.shape)
+        ):
             raise ValueError(
                 f"mask for {name} must be a bool tensor of shape {tuple(base.weight.shape)}, "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
-        for adapter in mod.active_adapters:
-            if adapter not in mod.lora_A:
-                continue
-            if adapter in getattr(mod, "lora_variant", {}) or mod.lora_bias.get(adapter, False):
+        plain = isinstance(mod, LoraLinear) and all(
+            adapter not in getattr(mod, "lora_variant", {})
+            and not mod.lora_bias.get(adapter, False)
+            for adapter in mod.active_adapters
+            if adapter in mod.lora_A
+        )
+        if not plain:
+            if mask is not None:
                 raise ValueError(
                     f"{name}: masked merge supports plain LoRA only (no DoRA / lora_bias)"
                 )
-            delta = mod.get_delta_weight(adapter).float()
+            mod.merge()  # peft's own merge (embeddings, DoRA, ...)
+            continue
+        for adapter in mod.active_adapters:
+            if adapter not in mod.lora_A:
+                continue
+            # fp32 whatever the base's dtype; one rounding to it at the end.
+            update = mod.get_delta_weight(adapter).float()
             w = base.weight
-            update = delta * mask.to(device=w.device, dtype=torch.float32)
+            if mask is not None:
+                update = update * mask.to(device=w.device, dtype=torch.float32)
             w.data = (w.data.float() + update).to(w.dtype)
     return peft_model.unload()
 
@@ -176,18 +193,21 @@ def merge_to_dir(
     base_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "auto",
     masks: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Load the base (fp32), merge the adapter, cast to ``dtype`` and save a plain model dir.
+    """Load the base, merge the adapter in fp32, write ``dtype`` and save a plain model dir.
+
+    ``dtype``: ``auto`` = the dtype ``base_dir`` is saved in; or float32 / bfloat16 / float16.
+    When it is the base's own dtype the base is loaded in it (W + scale·B·A is still summed in
+    fp32 per layer, see :func:`merge_adapter`); otherwise it is loaded in fp32 (exact for a
+    bf16 / fp16 base), so the merged weights are rounded once, to ``dtype``.
 
     The result (safetensors + config, + tokenizer files if ``base_dir`` has them) loads with
     ``AutoModelForCausalLM.from_pretrained`` without peft. Written atomically.
     """
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype = {dtype!r}; expected one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+    if isinstance(dtype, str) and dtype != "auto" and dtype not in _DTYPES:
+        raise ValueError(f"dtype = {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
     base_dir = Path(base_dir)
     if (base_dir / MANIFEST_NAME).is_file():
         method = read_manifest(base_dir).get("method")
@@ -198,7 +218,12 @@ def merge_to_dir(
             )
     check_adapter_dir(adapter_dir)
     _precheck_on_meta(base_dir, adapter_dir)  # a mismatch fails before the model is loaded
-    model = load_hf_model(base_dir, torch.float32, what="base model")
+    stored = artifact_dtype(base_dir)
+    if dtype == "auto":
+        dtype = stored
+    elif isinstance(dtype, str):
+        dtype = _DTYPES[dtype]
+    model = load_hf_model(base_dir, stored if dtype == stored else torch.float32, what="base model")
     merged = merge_adapter(model, adapter_dir, masks).to(dtype)
     with atomic_dir(out_dir, "merge", [base_dir, adapter_dir]) as tmp:
         merged.save_pretrained(tmp)

@@ -15,11 +15,72 @@ import torch
 from loram.errors import ArtifactError, LoramError
 from loram.fsio import atomic_dir, atomic_write_json, atomic_write_text, dumps
 
-__all__ = ["atomic_dir", "atomic_write_json", "atomic_write_text", "load_model", "load_hf_model"]
+__all__ = [
+    "artifact_dtype",
+    "atomic_dir",
+    "atomic_write_json",
+    "atomic_write_text",
+    "load_hf_model",
+    "load_model",
+    "resolve_dtype",
+]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a ``base.dtype`` / ``merge.dtype`` name.
+
+    ``auto``: bfloat16 on a GPU that supports it, float32 otherwise (CPU: bf16 matmuls are slow
+    there and fp32 costs only memory). A ``torch.dtype`` is returned as it is.
+    """
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"dtype {name} is not supported; expected one of {', '.join(DTYPES)}")
+        return name
+    if name == "auto":
+        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype = {name!r}; expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def artifact_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a saved model directory holds its weights in.
+
+    Read from its ``config.json`` (``dtype``, written by transformers 5; ``torch_dtype`` by
+    older versions); without one, from the first floating tensor of its safetensors header;
+    float32 when neither says. Later stages load their input in this dtype, so the dtype chosen
+    in the base stage flows through the pipeline with the artifacts (and DVC's dependencies
+    on them), not through params.
+    """
+    p = Path(path)
+    cfg = p / "config.json"
+    try:
+        conf = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"{cfg} is not valid JSON ({exc}); {RESTORE_HINT}") from None
+    name = None
+    if isinstance(conf, dict):
+        name = conf.get("dtype") or conf.get("torch_dtype")
+    if isinstance(name, str) and name.removeprefix("torch.") in DTYPES:
+        return DTYPES[name.removeprefix("torch.")]
+    if name not in (None, "auto"):
+        raise ArtifactError(f"{cfg} records dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    st = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for f in weight_files(p):
+        for k, info in check_safetensors(f).items():
+            if k != "__metadata__" and info.get("dtype") in st:
+                return st[info["dtype"]]
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -98,13 +159,14 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` from an embedded name, hub id, local dir or GGUF file.
 
-    GGUF weights are dequantized to ``dtype``; the GGUF quantizer is dropped so the model
-    saves as a plain checkpoint.
+    ``dtype``: a torch dtype or a name (``auto``: see :func:`resolve_dtype`). GGUF weights are
+    dequantized to ``dtype``; the GGUF quantizer is dropped so the model saves as a plain
+    checkpoint.
     """
     from transformers import AutoModelForCausalLM
 
     src = resolve_source(model, gguf_file)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = resolve_dtype(dtype)
     if src.kind == "tiny":
         from loram.tiny import tiny_pretrained
 
@@ -282,12 +344,15 @@ def check_shapes_against_config(path: str | Path, config=None) -> None:
                 )
 
 
-def load_hf_model(path: str | Path, dtype: str | torch.dtype = "float32", what: str = "model"):
-    """Load a plain transformers model directory, with clear errors for broken directories."""
+def load_hf_model(path: str | Path, dtype: str | torch.dtype | None = None, what: str = "model"):
+    """Load a plain transformers model directory, with clear errors for broken directories.
+
+    ``dtype``: None = the dtype the directory was saved in (:func:`artifact_dtype`).
+    """
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path, what)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = artifact_dtype(p) if dtype is None else resolve_dtype(dtype)
     config = load_config(p)
     check_shapes_against_config(p, config)
     try:

@@ -11,8 +11,10 @@ from loram.prune.common import LINEAR_PROJ
 def quantize_nf4(model, compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Replace every decoder projection by a bitsandbytes NF4 ``Linear4bit`` (double quant).
 
-    Embeddings, norms and lm_head stay in full precision, as with
+    Embeddings, norms and lm_head stay as they are (in the base's dtype), as with
     ``BitsAndBytesConfig(load_in_4bit=True)``. Works on pruned (smaller) projections too.
+    ``compute_dtype``: the dtype the 4-bit layers dequantize to and compute in; training passes
+    the base artifact's dtype (bf16 for a bf16 base), so activations keep one dtype.
     """
     try:
         import bitsandbytes as bnb
@@ -36,6 +38,7 @@ def quantize_nf4(model, compute_dtype: torch.dtype = torch.float32, device: str 
                     compress_statistics=True,
                 )
                 q.weight = bnb.nn.Params4bit(
+                    # (an exact upcast of a bf16 / fp16 weight; the NF4 scales come out fp32)
                     lin.weight.data.to(torch.float32).contiguous(),
                     requires_grad=False,
                     quant_type="nf4",

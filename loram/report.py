@@ -874,8 +874,7 @@ def default_meta(
 
 def _alignment_effect(metrics_root: Path) -> dict[str, str]:
     """Per pruned base: held-out general-text perplexity of the pruned model before/after align."""
-    files = {"loram": metrics_root / "align.json"}
-    files.update({p.parent.name: p for p in sorted(metrics_root.glob("variants/*/align.json"))})
+    files = {p.parent.name: p for p in sorted(metrics_root.glob("bases/*/align.json"))}
     out = {}
     for name, path in files.items():
         try:

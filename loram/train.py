@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,6 +77,35 @@ def save_adapter(peft_model, out_dir) -> None:
     cfg.write_text(dumps(obj), encoding="utf-8")
 
 
+@contextmanager
+def fp32_master_weights(model) -> Iterator[None]:
+    """Hold ``model``'s floating parameters in fp32 inside the block; cast each back after.
+
+    For full-rank training of a bf16 / fp16 model: an AdamW step is ~lr in size (5e-5 for
+    alignment), far below a bf16 ulp at a typical weight's magnitude (|w|·2⁻⁸), so updates
+    applied to bf16 weights would mostly round away. Training on fp32 master weights (and so
+    fp32 gradients and optimizer state) and rounding once at the end is the sound choice; the
+    upcast is exact and an fp32 model is untouched. Buffers keep their dtypes.
+    """
+    params = dict(model.named_parameters())
+    dtypes = {name: p.dtype for name, p in params.items()}
+    try:
+        with torch.no_grad():
+            for p in params.values():
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                if p.dtype != dtypes[name]:
+                    p.data = p.data.to(dtypes[name])
+
+
+def _base_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -91,12 +122,23 @@ def train_lora(
 
     torch.manual_seed(p.seed)
     device = default_device()
+    # The frozen base stays in the dtype it was loaded in (its artifact's); NF4 layers compute
+    # in that dtype too.
+    base_dtype = _base_dtype(model)
     if p.quantize == "nf4":
-        model = quantize_nf4(model, device=device)
+        model = quantize_nf4(model, compute_dtype=base_dtype, device=device)
     model.to(device)
     for prm in model.parameters():
         prm.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config(p))
+    # LoRA weights (hence their gradients and the AdamW state) are fp32 on any base: peft's
+    # autocast_adapter_dtype upcasts bf16 / fp16 adapters, and the LoRA branch runs on its
+    # input cast to the adapter's dtype; the loop below makes sure of it. bf16 adapters would
+    # lose the small updates of a low learning rate (see fp32_master_weights).
+    peft_model = get_peft_model(model, lora_config(p), autocast_adapter_dtype=True)
+    with torch.no_grad():
+        for prm in peft_model.parameters():
+            if prm.requires_grad and prm.dtype != torch.float32:
+                prm.data = prm.data.float()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ex = encode_rows(tokenizer, train_rows, p.seq_len)
     val_ex = encode_rows(tokenizer, val_rows[: p.max_val_rows], p.seq_len)
@@ -125,6 +167,7 @@ def train_lora(
         "params_held": mem["params"] - peft_model.get_nb_trainable_parameters()[0],
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "quantize": p.quantize,
+        "dtype": str(base_dtype).removeprefix("torch."),
         "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
     }
 
@@ -162,23 +205,25 @@ def align_model(
             enforce_masks(model, masks)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # The losses before and after are those of the model as loaded and as saved: in its own
+    # (the artifact's) dtype. Training in between uses fp32 master weights (see
+    # fp32_master_weights): the result is rounded back to the artifact's dtype once.
     before = evaluate_loss(model, val_blocks, p.micro_batch, pad) if val_blocks else None
     t0 = time.time()
-    history = (
-        train_loop(
-            model,
-            blocks,
-            val_blocks,
-            _loop_config(p, eval_every=max(1, p.max_steps // 4) if p.max_steps else 1),
-            ckpt_dir,
-            pad,
-            fingerprint_extra={"align": True, "masked": bool(masks)},
-            after_step=after,
-            desc="align",
-        )
-        if p.max_steps > 0
-        else []
-    )
+    history = []
+    if p.max_steps > 0:
+        with fp32_master_weights(model):
+            history = train_loop(
+                model,
+                blocks,
+                val_blocks,
+                _loop_config(p, eval_every=max(1, p.max_steps // 4) if p.max_steps else 1),
+                ckpt_dir,
+                pad,
+                fingerprint_extra={"align": True, "masked": bool(masks)},
+                after_step=after,
+                desc="align",
+            )
     for prm in model.parameters():
         prm.requires_grad_(False)
     after_loss = evaluate_loss(model, val_blocks, p.micro_batch, pad) if val_blocks else None

@@ -358,6 +358,10 @@ def check_caching(work: Path, env: Mapping[str, str], say: Callable[[str], None]
         ("train.lr", raw["train"]["lr"] * 2, "train", UPSTREAM_ONLY | {"prune", "align"}),
         ("prune.ratio", round(raw["prune"]["ratio"] / 2, 4), "prune", UPSTREAM_ONLY),
     ]
+
+    def family(stages: Iterable[str]) -> set[str]:  # train@loram -> train
+        return {s.split("@")[0] for s in stages}
+
     try:
         for key, value, must, untouched in cases:
             set_param(params, key, value)
@@ -366,19 +370,20 @@ def check_caching(work: Path, env: Mapping[str, str], say: Callable[[str], None]
                 problems.append(f"editing {key} does not re-validate params.yaml")
             rerun = downstream(graph, changed - {VALIDATOR}) | (changed & {VALIDATOR})
             say(f"  -S {key}={value}: changed {sorted(changed)}; would re-run {len(rerun)} stages")
-            if must not in changed:
+            if must not in family(changed):
                 problems.append(
                     f"editing {key} does not invalidate stage {must!r} (changed: {sorted(changed)})"
                 )
-            need = downstream(graph, [must])
+            need = downstream(graph, [s for s in graph if s.split("@")[0] == must])
             if not need <= rerun:
                 problems.append(f"editing {key} would not re-run {sorted(need - rerun)}")
-            wrong = rerun & untouched
+            wrong = {s for s in rerun if s.split("@")[0] in untouched}
             if wrong:
                 problems.append(
                     f"editing {key} would re-run {sorted(wrong)}, which do not depend on it"
                 )
             params.write_text(original)
+        problems += _check_new_arm(work, env, params, original, say)
         # Editing one library file marks exactly the stages whose code imports it.
         problems += _check_code_edit(work, env, "loram/recover.py", say)
         # A misspelled section must stop `dvc repro` with a message naming it.
@@ -402,6 +407,26 @@ def check_caching(work: Path, env: Mapping[str, str], say: Callable[[str], None]
     return problems
 
 
+def _check_new_arm(
+    work: Path, env: Mapping[str, str], params: Path, original: str, say: Callable[[str], None]
+) -> list[str]:
+    """Adding a fine-tune of an existing base re-runs only its own train -> evaluate chain."""
+    raw = yaml.safe_load(original)
+    base = next(iter(raw["bases"]))
+    raw["arms"]["ci_new"] = {"base": base, "train": {"lr": raw["train"]["lr"] * 3}}
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        changed = changed_stages(work, env)
+        rerun = downstream(stage_graph(work, env), changed - {VALIDATOR})
+    finally:
+        params.write_text(original)
+    want = {f"{s}@ci_new" for s in ("train", "recover", "merge", "evaluate_arm")} | {"report"}
+    say(f"  new arm ci_new on base {base}: changed {sorted(changed)}; would re-run {sorted(rerun)}")
+    if rerun != want:
+        return [f"adding an arm would re-run {sorted(rerun)}, expected exactly {sorted(want)}"]
+    return []
+
+
 def _check_code_edit(
     work: Path, env: Mapping[str, str], rel: str, say: Callable[[str], None]
 ) -> list[str]:
@@ -410,7 +435,8 @@ def _check_code_edit(
     spec = importlib.util.spec_from_file_location("_stage_deps", work / "scripts" / "stage_deps.py")
     sd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sd)
-    want = {name for name, code in sd.stage_code(work).items() if rel in code}
+    present = {s.split("@")[0] for s in stage_graph(work, env)}  # a foreach over {} has none
+    want = {name for name, code in sd.stage_code(work).items() if rel in code} & present
     path = work / rel
     original = path.read_text()
     try:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loram.testing import TINY_BUILDERS
+from loram.tiny import TINY_BUILDERS
 
 # `from tolerance import ...` (tests/tolerance.py) also under --import-mode=importlib, which does
 # not put the test directory on sys.path.

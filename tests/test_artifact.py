@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from loram.prune.artifact import MANIFEST_NAME, load_pruned, read_manifest, save_pruned
 from loram.prune.structured import ManifestError, prune_structured
-from loram.testing import tiny_llama, tiny_qwen2
+from loram.tiny import tiny_llama, tiny_qwen2
 
 
 def logits(model, ids):

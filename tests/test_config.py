@@ -134,7 +134,7 @@ def test_auto_criterion_resolves_per_method(method, criterion, used):
 
 
 def test_params_yaml_top_level_keys_are_exactly_the_sections():
-    assert list(RAW) == [*SECTIONS, "variants"]
+    assert list(RAW) == [*SECTIONS, "bases", "arms", "variants"]
     assert RAW["variants"] == {}
 
 
@@ -215,7 +215,7 @@ TARGETS = "'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down
         (
             {"prun": {"ratio": 0.3}},
             "prun is not a known params section; allowed: "
-            "base, data, prune, align, train, recover, merge, eval",
+            "base, data, prune, align, train, recover, merge, eval, bases, arms, variants",
         ),
         # wrong types: bools are not numbers, strings are not coerced, null only where optional
         ({"train": {"lr": "1e-3"}}, "train.lr = '1e-3' is not allowed: expected a number"),
@@ -371,3 +371,74 @@ def test_to_dict_round_trips_through_the_schema():
         d = to_dict(p[name])
         assert isinstance(d, dict) and cls.model_validate(d) == p[name]
     assert isinstance(to_dict(p["data"])["ood"][0], dict)
+
+
+# ------------------------------------------------------------------ named bases and arms
+
+
+def _named_raw():
+    return {
+        "prune": {"ratio": 0.5},
+        "train": {"lr": 1e-3},
+        "bases": {"stru": {}, "rand": {"prune": {"method": "random"}}},
+        "arms": {
+            "loram": {"base": "stru"},
+            "fast": {"base": "stru", "train": {"lr": 2e-3}},
+            "r": {"base": "rand", "description": "LoRAM-Rand"},
+        },
+    }
+
+
+def test_named_entries_override_only_their_sections():
+    from loram.config import resolve_named
+
+    raw = _named_raw()
+    rand = resolve_named(raw, "bases", "rand")
+    assert rand["prune"].method == "random" and rand["prune"].ratio == 0.5
+    assert resolve_named(raw, "bases", "stru")["prune"].method == "structured"
+    fast = resolve_named(raw, "arms", "fast")
+    assert fast["train"].lr == 2e-3 and fast["spec"].base == "stru"
+    assert resolve_named(raw, "arms", "loram")["train"].lr == 1e-3
+    p = parse_params(raw)
+    assert set(p["bases"]) == {"stru", "rand"} and set(p["arms"]) == {"loram", "fast", "r"}
+
+
+@pytest.mark.parametrize(
+    "patch,message",
+    [
+        ({"arms": {"x": {"base": "nope"}}}, "arms.x.base = 'nope' is not allowed"),
+        ({"arms": {"x": {}}}, "arms.x.base"),
+        ({"arms": {"x": {"base": "stru", "prune": {}}}}, "arms.x.prune is not a known parameter"),
+        ({"bases": {"x": {"prune": {"ratio": 2}}}}, "bases.x.prune.ratio = 2 is not allowed"),
+        ({"bases": {"x": {"train": {}}}}, "bases.x.train is not a known parameter"),
+        ({"bases": {"a b": {}}}, "bases name = 'a b' is not allowed"),
+        ({"arms": ["x"]}, "arms = ['x'] is not allowed"),
+        ({"variants": {"v": {"kind": "loram"}}}, "variants.v.kind = 'loram' is not allowed"),
+    ],
+)
+def test_named_entry_errors(patch, message):
+    raw = {
+        **_named_raw(),
+        **{
+            k: {**(_named_raw().get(k) or {}), **v} if isinstance(v, dict) else v
+            for k, v in patch.items()
+        },
+    }
+    with pytest.raises(ParamsError) as exc:
+        parse_params(raw)
+    assert message in str(exc.value), str(exc.value)
+
+
+def test_load_named_for_a_stage(tmp_path):
+    import yaml
+
+    from loram.config import load_named
+
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(_named_raw(), sort_keys=False))
+    got = load_named(f, "arms", "fast", ("train",))
+    assert got["train"].lr == 2e-3 and got["spec"].base == "stru" and set(got) == {"train", "spec"}
+    with pytest.raises(
+        ParamsError, match="arms.zzz is not in the params file; defined: loram, fast, r"
+    ):
+        load_named(f, "arms", "zzz", ("train",))

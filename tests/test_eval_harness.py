@@ -453,7 +453,7 @@ def tiny_tokenizer():
 
 
 def test_run_benchmarks_smoke_tiny_model(tmp_path):
-    from loram.testing import tiny_llama
+    from loram.tiny import tiny_llama
 
     tok = tiny_tokenizer()
     assert tok.decode(tok("Q: 1 + 1?\nA:").input_ids) == "Q: 1 + 1?\nA:"

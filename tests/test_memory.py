@@ -12,7 +12,7 @@ from torch import nn
 
 from loram import memory
 from loram.cli import main
-from loram.testing import tiny_llama, tiny_llama_mha, tiny_qwen2
+from loram.tiny import tiny_llama, tiny_llama_mha, tiny_qwen2
 
 ORIGINAL = {
     "llama-2-7b": 6_738_415_616,

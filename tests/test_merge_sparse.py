@@ -11,7 +11,7 @@ from loram.cli import main
 from loram.prune.artifact import save_pruned
 from loram.prune.masks import save_masks
 from loram.prune.sparse import prune_sparse, sparse_manifest, sparsity_report
-from loram.testing import tiny_llama
+from loram.tiny import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 from tolerance import assert_within, forward_tol
 
 from loram.models import count_params, load_model, resolve_source, save_model_dir
-from loram.testing import tiny_llama, tiny_qwen2
+from loram.tiny import tiny_llama, tiny_qwen2
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])

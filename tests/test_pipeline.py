@@ -105,25 +105,27 @@ def test_ci_profile_merges_into_valid_params(tmp_path):
 
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
-    params.write_text(params.read_text().replace("variants: {}", "variants: {x: {}}"))
     ci.apply_profile(tmp_path, ROOT / "profiles" / "ci.yaml", ci.tool_env())
     p = load_params(params)
     assert p["base"].model == "tiny-llama"
     assert p["train"].max_steps <= 5 and p["align"].max_steps <= 5
-    assert set(p["variants"]) == {
-        "rand",
-        "semi",
-        "unst",
-        "qloram",
-    }  # the profile's, not params.yaml's
-    assert {n: v["prune"].method for n, v in p["variants"].items()} == {
+    # The profile's bases are added to params.yaml's (stru); each is pruned once.
+    assert {n: b["prune"].method for n, b in p["bases"].items()} == {
+        "stru": "structured",
         "rand": "random",
         "semi": "semi",
         "unst": "unstructured",
-        "qloram": "structured",
     }
-    assert p["variants"]["qloram"]["train"].quantize == "nf4"
-    assert p["variants"]["unst"]["merge"].target == "pruned"
+    assert {n: a["spec"].base for n, a in p["arms"].items()} == {
+        "loram": "stru",
+        "rand": "rand",
+        "semi": "semi",
+        "unst": "unst",
+        "qloram": "stru",  # QLoRAM-Stru shares LoRAM-Stru's pruned and aligned base
+    }
+    assert p["arms"]["qloram"]["train"].quantize == "nf4"
+    assert p["arms"]["loram"]["train"].quantize == "none"
+    assert p["arms"]["unst"]["merge"].target == "pruned"
     assert "humaneval" not in p["eval"].tasks
 
 
@@ -131,12 +133,17 @@ def test_baseline_covers_every_declared_metric():
     """ci/metrics mirrors the metric paths of dvc.yaml (the foreach entries of the profile)."""
     base = ci.read_metric_tree(ROOT / "ci" / "metrics")
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    variants = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())["variants"]
+    profile = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    maps = {
+        f"${{{k}}}": {**(params.get(k) or {}), **(profile.get(k) or {})}
+        for k in ("bases", "arms", "variants")
+    }
     declared = set()
     for stage in dvc["stages"].values():
         keys = stage["foreach"] if "foreach" in stage else [None]
-        if keys == "${variants}":
-            keys = variants
+        if isinstance(keys, str):
+            keys = maps[keys]
         body = stage.get("do", stage)
         for key in keys:
             for entry in body.get("metrics", []):
@@ -238,7 +245,10 @@ def test_ci_pipeline_tiny_profile(tmp_path, capsys):
     with capsys.disabled():
         print("\n" + "\n".join(report), file=sys.stderr, flush=True)
     assert summary["ok"], "\n".join(summary["problems"])
-    assert {"base", "data", "prune", "align", "train", "recover", "merge", "report"} <= set(stages)
-    assert any(s.startswith("variant@") for s in stages) and any(
-        s.startswith("evaluate@") for s in stages
-    )
+    assert {"params", "base", "data", "report"} <= set(stages)
+    for arm in ("loram", "rand", "semi", "unst", "qloram"):
+        assert {f"train@{arm}", f"merge@{arm}", f"evaluate_arm@{arm}"} <= set(stages)
+    # QLoRAM-Stru and LoRAM-Stru share one prune and one align.
+    assert {s for s in stages if s.startswith(("prune@", "align@"))} == {
+        f"{k}@{b}" for k in ("prune", "align") for b in ("stru", "rand", "semi", "unst")
+    }

@@ -41,14 +41,22 @@ def test_variants_profile_resolves_every_method(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     apply_profile(ROOT / "profiles" / "variants.yaml", params)
-    v = parse_params(yaml.safe_load(params.read_text()))["variants"]
-    assert {n: v[n]["prune"].method for n in v} == {
+    p = parse_params(yaml.safe_load(params.read_text()))
+    assert {n: b["prune"].method for n, b in p["bases"].items()} == {
+        "stru": "structured",
         "rand": "random",
         "semi": "semi",
         "unst": "unstructured",
-        "qloram": "structured",
     }
-    assert v["unst"]["prune"].ratio == 0.55 and v["qloram"]["train"].quantize == "nf4"
+    arms = p["arms"]
+    assert {n: a["spec"].base for n, a in arms.items()} == {
+        "loram": "stru",
+        "rand": "rand",
+        "semi": "semi",
+        "unst": "unst",
+        "qloram": "stru",  # QLoRAM-Stru trains on LoRAM-Stru's aligned base
+    }
+    assert p["bases"]["unst"]["prune"].ratio == 0.55 and arms["qloram"]["train"].quantize == "nf4"
 
 
 def test_bad_profile_is_rejected_before_writing(tmp_path):

@@ -22,7 +22,7 @@ from loram.prune.sparse import (
     sparsity_report,
     target_zeros,
 )
-from loram.testing import tiny_llama
+from loram.tiny import tiny_llama
 
 CRITERIA = ("wanda", "sparsegpt", "magnitude")
 

@@ -17,7 +17,7 @@ from loram.prune.structured import (
     prune_structured,
     structured_importance,
 )
-from loram.testing import tiny_llama, tiny_llama_mha, tiny_qwen2
+from loram.tiny import tiny_llama, tiny_llama_mha, tiny_qwen2
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

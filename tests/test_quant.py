@@ -10,7 +10,7 @@ from loram.config import TrainParams  # noqa: E402
 from loram.prune.structured import prune_structured  # noqa: E402
 from loram.quant import parameter_bytes, quantize_nf4  # noqa: E402
 from loram.recover import recover_adapter  # noqa: E402
-from loram.testing import tiny_llama, tiny_qwen2  # noqa: E402
+from loram.tiny import tiny_llama, tiny_qwen2  # noqa: E402
 from loram.train import lora_config  # noqa: E402
 from loram.trainloop import LoopConfig, train_loop  # noqa: E402
 

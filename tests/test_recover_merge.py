@@ -17,7 +17,7 @@ from loram.merge import merge_adapter, merge_to_dir
 from loram.prune.artifact import save_pruned
 from loram.prune.structured import prune_structured
 from loram.recover import recover_adapter, recover_state_dict
-from loram.testing import tiny_llama, tiny_qwen2
+from loram.tiny import tiny_llama, tiny_qwen2
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R, ALPHA = 4, 8
@@ -122,7 +122,7 @@ def train_lora(model, targets, steps=3, lr=1e-2, seed=0):
 @pytest.fixture(params=["llama", "qwen2", "llama_mha"])
 def trained(request, tmp_path):
     """Original model, pruned dir + manifest, a LoRA trained on the pruned model, its dir."""
-    from loram.testing import TINY_BUILDERS
+    from loram.tiny import TINY_BUILDERS
 
     arch = request.param
     original = TINY_BUILDERS[arch]()

@@ -103,7 +103,7 @@ def test_closure_follows_every_import_form(tmp_path):
 
 # Layers, bottom to top: a module may import its own layer or lower ones, never higher.
 LAYERS = [
-    ("loram", "loram.errors", "loram.fsio", "loram.benchmarks", "loram.tiny", "loram.testing"),
+    ("loram", "loram.errors", "loram.fsio", "loram.benchmarks", "loram.tiny"),
     ("loram.config",),
     ("loram.models", "loram.data", "loram.loss", "loram.quant", "loram.prune"),
     ("loram.trainloop",),

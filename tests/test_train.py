@@ -3,7 +3,7 @@ import torch
 from peft import get_peft_model
 
 from loram.config import AlignParams, TrainParams
-from loram.testing import tiny_llama, tiny_qwen2
+from loram.tiny import tiny_llama, tiny_qwen2
 from loram.train import lora_config
 from loram.trainloop import LoopConfig, batch_indices, train_loop
 

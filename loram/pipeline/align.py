@@ -10,7 +10,10 @@ from loram.pipeline.common import check_outputs, need_file, write_metrics
 
 NAME = "align"
 SECTIONS = ("align",)
+OVERRIDES = "bases"
+"""``--name NAME``: the stage of ``bases.NAME`` (its overrides on the shared sections)."""
 OPTIONS = {
+    "name": "",
     "pruned": "artifacts/pruned",
     "data": "artifacts/data",
     "out": "artifacts/aligned",
@@ -21,7 +24,15 @@ OPTIONS = {
 
 
 def run(
-    p: AlignParams, *, pruned: str, data: str, out: str, checkpoints: str, metrics: str, plots: str
+    p: AlignParams,
+    *,
+    pruned: str,
+    data: str,
+    out: str,
+    checkpoints: str,
+    metrics: str,
+    plots: str,
+    name: str = "",
 ) -> dict:
     from loram.data import read_jsonl
     from loram.fsio import atomic_dir
@@ -39,6 +50,8 @@ def run(
         return {"enabled": False}
     texts = [r["text"] for r in read_jsonl(need_file(Path(data) / "align.jsonl", "data"))]
     val_texts = [r["text"] for r in read_jsonl(need_file(Path(data) / "align_val.jsonl", "data"))]
+    # In the pruned artifact's dtype, and saved back in it: align_model trains on fp32 master
+    # weights for a bf16 / fp16 model and rounds once at the end (loram.train.fp32_master_weights).
     model, manifest, masks = load_pruned_with_masks(pruned)
     tok = load_tokenizer(pruned)
     res = align_model(model, tok, texts, p, checkpoints, masks=masks, val_texts=val_texts)

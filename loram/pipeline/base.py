@@ -13,14 +13,18 @@ OPTIONS = {"out": "artifacts/base", "metrics": "metrics/base.json"}
 
 
 def run(p: BaseParams, *, out: str, metrics: str) -> dict:
-    from loram.models import count_params, load_model, save_model_dir
+    from loram.models import count_params, dtype_name, load_model, resolve_dtype, save_model_dir
 
     check_outputs("base", out, metrics=metrics)
     t0 = time.time()
-    model, tok = load_model(p.model, p.gguf_file, p.dtype, p.revision)
+    # The dtype of every later artifact: each stage reads it back from its input directory's
+    # config.json (transformers writes ``dtype`` there), not from params.
+    dtype = resolve_dtype(p.dtype)
+    model, tok = load_model(p.model, p.gguf_file, dtype, p.revision)
     save_model_dir(model, tok, out, command="base")
     res = {
         "model": p.model,
+        "dtype": dtype_name(dtype),
         "model_type": model.config.model_type,
         "params": count_params(model),
         "layers": model.config.num_hidden_layers,

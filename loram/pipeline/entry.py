@@ -27,18 +27,26 @@ def add_arguments(parser: argparse.ArgumentParser, module: ModuleType) -> None:
 
 def invoke(module: ModuleType, ns: argparse.Namespace) -> int:
     """Load the module's params sections and call its ``run`` with the options."""
-    from loram.config import load_params
+    from loram.config import load_named, load_params
     from loram.pipeline.common import setup_logging
 
     setup_logging()
     options = {k: getattr(ns, k) for k in module.OPTIONS}
-    if "params_file" in inspect.signature(module.run).parameters:
+    accepts = inspect.signature(module.run).parameters
+    if "params_file" in accepts:
         options["params_file"] = ns.params
     if module.SECTIONS is None:
         module.run(load_params(ns.params), **options)
+        return 0
+    kind = getattr(module, "OVERRIDES", None)
+    if kind and options.get("name"):
+        # A named base or arm: its entry's overrides on top of the shared sections.
+        params = load_named(ns.params, kind, options["name"], module.SECTIONS)
+        if "spec" in accepts:
+            options["spec"] = params["spec"]
     else:
         params = load_params(ns.params, module.SECTIONS)
-        module.run(*(params[s] for s in module.SECTIONS), **options)
+    module.run(*(params[s] for s in module.SECTIONS), **options)
     return 0
 
 

@@ -12,7 +12,10 @@ from loram.pipeline.common import log, need_file, read_json, write_metrics
 
 NAME = "evaluate"
 SECTIONS = ("eval",)
+OVERRIDES = "arms"
+"""``--name NAME``: the stage of ``arms.NAME`` (its overrides on the shared sections)."""
 OPTIONS = {
+    "name": "",
     "model": "artifacts/merged",
     "adapter": "",
     "tokenizer": "",
@@ -60,12 +63,14 @@ def evaluate_model(
         need_file(data / name, "evaluation data")
     if adapter:
         check_adapter_dir(adapter)
+    # Both load in the dtype the directory was saved in (the base stage's); an adapter on top
+    # stays fp32 (peft upcasts bf16 / fp16 adapters) and the loss upcasts the logits.
     if (Path(model_dir) / "loram_manifest.json").exists():
         from loram.prune.artifact import load_pruned_with_masks
 
         model, _, _ = load_pruned_with_masks(model_dir)
     else:
-        model = load_hf_model(model_dir, "float32")
+        model = load_hf_model(model_dir)
     tok = load_tokenizer(tokenizer_dir or model_dir)
     if adapter:
         from peft import PeftModel
@@ -124,8 +129,12 @@ def run(
     train_metrics: str = "",
     merge_metrics: str = "",
     out: str,
+    name: str = "",
+    spec=None,
 ) -> dict:
     check_output_file(out, (".json",), "--out")
+    if not description and spec is not None:
+        description = spec.description
     for opt, value in (("--train-metrics", train_metrics), ("--merge-metrics", merge_metrics)):
         if value:
             check_output_file(value, (".json",), opt)

@@ -12,7 +12,10 @@ from loram.pipeline.common import check_outputs, log, write_metrics
 
 NAME = "merge"
 SECTIONS = ("recover", "merge")
+OVERRIDES = "arms"
+"""``--name NAME``: the stage of ``arms.NAME`` (its overrides on the shared sections)."""
 OPTIONS = {
+    "name": "",
     "base": "artifacts/base",
     "adapter": "artifacts/adapter",
     "pruned": "artifacts/aligned",
@@ -30,10 +33,11 @@ def run(
     pruned: str,
     out: str,
     metrics: str,
+    name: str = "",
 ) -> dict:
     """``pruned``: the pruned directory the adapter was trained on, or ``none`` (plain LoRA)."""
     from loram.merge import merge_to_dir
-    from loram.models import check_adapter_dir
+    from loram.models import artifact_dtype, check_adapter_dir, dtype_name
     from loram.prune.artifact import read_manifest
     from loram.recover import check_provenance, read_provenance
 
@@ -62,9 +66,12 @@ def run(
         )
     target_dir = pruned if mp.target == "pruned" else base
     use_masks = masks if (masks is not None and rp.mask_update) else None
+    # merge.dtype auto: the target's own dtype (from its config.json), so the merged model is
+    # in the base stage's dtype; the sum W + scale·B·A itself is fp32 (see loram.merge).
     merge_to_dir(target_dir, adapter, out, dtype=mp.dtype, masks=use_masks)
     info: dict = {
         "method": manifest.get("method"),
+        "dtype": dtype_name(artifact_dtype(out)),
         "target": mp.target,
         "mask_update": rp.mask_update,
     }
@@ -78,7 +85,7 @@ def _sparsity(out: str, manifest: dict, masks: dict, target: str) -> dict:
     from loram.models import load_hf_model
     from loram.prune.sparse import mask_sparsity, sparsity_report
 
-    merged = load_hf_model(out, "float32", what="merged model")
+    merged = load_hf_model(out, what="merged model")  # in its own dtype: zeros are exact in any
     after = sparsity_report(merged, masks)
     vs_mask = mask_sparsity(merged, masks)
     before, val = vs_mask["mask_sparsity"], vs_mask["sparsity"]

@@ -11,7 +11,10 @@ from loram.pipeline.common import check_outputs, need_file, write_metrics
 
 NAME = "prune"
 SECTIONS = ("prune",)
+OVERRIDES = "bases"
+"""``--name NAME``: the stage of ``bases.NAME`` (its overrides on the shared sections)."""
 OPTIONS = {
+    "name": "",
     "base": "artifacts/base",
     "data": "artifacts/data",
     "out": "artifacts/pruned",
@@ -42,16 +45,33 @@ def calibration_batches(tokenizer, rows: list[dict], n: int, seq_len: int, seed:
     return [collate([b], tokenizer.pad_token_id or 0) for b in blocks[:n]]
 
 
-def run(p: PruneParams, *, base: str, data: str, out: str, metrics: str) -> dict:
+def run(
+    p: PruneParams,
+    *,
+    base: str,
+    data: str,
+    out: str,
+    metrics: str,
+    name: str = "",
+) -> dict:
     from loram.data import read_jsonl
-    from loram.models import check_model_dir, count_params, default_device, load_model
+    from loram.models import (
+        artifact_dtype,
+        check_model_dir,
+        count_params,
+        default_device,
+        load_model,
+    )
     from loram.prune.artifact import save_pruned
     from loram.prune.common import pruned_layers
 
     check_outputs("prune", out, [base, data], metrics=metrics)
     check_model_dir(base, "base model")
     train_file = need_file(Path(data) / "train.jsonl", "training data")
-    model, tok = load_model(base)
+    # The base artifact's dtype: the calibration forwards run in it and the pruned model is
+    # saved in it. Taylor gradients and Wanda / SparseGPT statistics are fp32 regardless (see
+    # loram.prune.structured._taylor and loram.prune.sparse._InputStats).
+    model, tok = load_model(base, dtype=artifact_dtype(base))
     layers = pruned_layers(model.config.num_hidden_layers, p.first_layer, p.last_dense)
     crit = p.resolved_criterion
     calib = (

@@ -7,7 +7,10 @@ from loram.pipeline.common import check_outputs
 
 NAME = "recover"
 SECTIONS = ("recover",)
+OVERRIDES = "arms"
+"""``--name NAME``: the stage of ``arms.NAME`` (its overrides on the shared sections)."""
 OPTIONS = {
+    "name": "",
     "adapter": "artifacts/adapter_pruned",
     "pruned": "artifacts/aligned",
     "base": "artifacts/base",
@@ -15,7 +18,15 @@ OPTIONS = {
 }
 
 
-def run(p: RecoverParams, *, adapter: str, pruned: str, base: str, out: str) -> dict:
+def run(
+    p: RecoverParams,
+    *,
+    adapter: str,
+    pruned: str,
+    base: str,
+    out: str,
+    name: str = "",
+) -> dict:
     from loram.models import check_model_dir
     from loram.recover import recover_adapter
 

@@ -10,7 +10,10 @@ from loram.pipeline.common import check_outputs, need_dir, need_file, write_metr
 
 NAME = "train"
 SECTIONS = ("train",)
+OVERRIDES = "arms"
+"""``--name NAME``: the stage of ``arms.NAME`` (its overrides on the shared sections)."""
 OPTIONS = {
+    "name": "",
     "model": "artifacts/aligned",
     "data": "artifacts/data",
     "out": "artifacts/adapter_pruned",
@@ -22,7 +25,8 @@ OPTIONS = {
 
 
 def load_trainable_base(path: str):
-    """``(model, manifest)``: a pruned directory (with manifest) or a plain HF model dir."""
+    """``(model, manifest)``: a pruned directory (with manifest) or a plain HF model dir, in
+    the dtype it was saved in (the frozen base is held in it; LoRA weights are fp32)."""
     if (Path(path) / "loram_manifest.json").exists():
         from loram.prune.artifact import load_pruned_with_masks
 
@@ -30,7 +34,7 @@ def load_trainable_base(path: str):
         return model, manifest
     from loram.models import load_hf_model
 
-    return load_hf_model(path, "float32"), None
+    return load_hf_model(path), None
 
 
 def run(
@@ -43,6 +47,7 @@ def run(
     checkpoints: str,
     metrics: str,
     plots: str,
+    name: str = "",
 ) -> dict:
     from loram.data import read_jsonl
     from loram.fsio import atomic_dir, dumps

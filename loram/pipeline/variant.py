@@ -1,5 +1,5 @@
-"""Stage ``variant@NAME``: one extra arm from ``variants.NAME`` end to end in one stage
-(prune -> align -> train -> recover -> merge -> evaluate, or plain LoRA on another model)."""
+"""Stage ``variant@NAME``: a baseline on another model from ``variants.NAME`` in one stage: the
+model converted, plain LoRA trained on it, merged and evaluated."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from loram.fsio import MARKER, check_output_dir, dumps
-from loram.pipeline import align, evaluate, merge, prune, recover, train
+from loram.pipeline import evaluate, merge, train
 
 NAME = "variant"
 SECTIONS = None
@@ -37,63 +37,24 @@ def run(params: dict, *, name: str, base: str, data: str, out: str) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text(dumps({"command": "variant", "format": 1}), encoding="utf-8")
     mdir = Path("metrics") / "variants" / name
-    loss = Path("plots") / "loss"
-    base_dir = base
-    if spec.kind == "lora" or v["base"] != params["base"]:
-        from loram.models import load_model, save_model_dir
+    from loram.models import load_model, save_model_dir
 
-        bp = v["base"]
-        model, tok = load_model(bp.model, bp.gguf_file, bp.dtype, bp.revision)
-        base_dir = str(work / "base")
-        save_model_dir(model, tok, base_dir, command="base")
-        del model
-    if spec.kind == "lora":
-        train.run(
-            v["train"],
-            model=base_dir,
-            data=data,
-            out=str(work / "adapter"),
-            arm=name,
-            checkpoints=str(work / "ckpt"),
-            metrics=str(mdir / "train.json"),
-            plots=str(loss / f"{name}.csv"),
-        )
-        pruned_dir = "none"
-    else:
-        pruned_dir = str(work / "aligned")
-        prune.run(
-            v["prune"],
-            base=base_dir,
-            data=data,
-            out=str(work / "pruned"),
-            metrics=str(mdir / "prune.json"),
-        )
-        align.run(
-            v["align"],
-            pruned=str(work / "pruned"),
-            data=data,
-            out=pruned_dir,
-            checkpoints=str(work / "ckpt_align"),
-            metrics=str(mdir / "align.json"),
-            plots=str(loss / f"{name}_align.csv"),
-        )
-        train.run(
-            v["train"],
-            model=pruned_dir,
-            data=data,
-            out=str(work / "adapter_pruned"),
-            arm=name,
-            checkpoints=str(work / "ckpt"),
-            metrics=str(mdir / "train.json"),
-            plots=str(loss / f"{name}.csv"),
-        )
-        recover.run(
-            v["recover"],
-            adapter=str(work / "adapter_pruned"),
-            pruned=pruned_dir,
-            base=base_dir,
-            out=str(work / "adapter"),
-        )
+    bp = v["base"]
+    model, tok = load_model(bp.model, bp.gguf_file, bp.dtype, bp.revision)
+    base_dir = str(work / "base")
+    save_model_dir(model, tok, base_dir, command="base")
+    del model
+    train.run(
+        v["train"],
+        model=base_dir,
+        data=data,
+        out=str(work / "adapter"),
+        arm=name,
+        checkpoints=str(work / "ckpt"),
+        metrics=str(mdir / "train.json"),
+        plots=str(Path("plots") / "loss" / f"{name}.csv"),
+    )
+    pruned_dir = "none"
     merge.run(
         v["recover"],
         v["merge"],
@@ -108,7 +69,7 @@ def run(params: dict, *, name: str, base: str, data: str, out: str) -> dict:
         model=str(root / "merged"),
         data=data,
         arm=name,
-        kind=spec.kind if spec.kind == "lora" else "variant",
+        kind=spec.kind,
         description=spec.description or name,
         train_metrics=str(mdir / "train.json"),
         merge_metrics=str(mdir / "merge.json"),

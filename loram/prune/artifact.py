@@ -190,19 +190,24 @@ def _load_strict(
 
 def load_pruned(
     path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict]:
-    """Rebuild a pruned model from its directory alone: config -> model -> resize -> weights."""
+    """Rebuild a pruned model from its directory alone: config -> model -> resize -> weights.
+
+    ``dtype``: None = the dtype the directory was saved in (``loram.models.artifact_dtype``).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from loram.models import load_config
+    from loram.models import artifact_dtype, load_config
 
     d = Path(path)
     if not d.is_dir():
         raise ArtifactError(f"pruned model directory {str(path)!r} does not exist")
     raw = _read_json(d)
+    if dtype is None:
+        dtype = artifact_dtype(d)
     config = load_config(d)
     manifest = check_manifest(raw, config)
     with init_empty_weights(include_buffers=False):
@@ -212,8 +217,10 @@ def load_pruned(
     return model.to(device).eval(), manifest
 
 
-def load_pruned_with_masks(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """``(model, manifest, masks)`` of a pruned directory; ``masks`` is None unless sparse."""
+def load_pruned_with_masks(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """``(model, manifest, masks)`` of a pruned directory; ``masks`` is None unless sparse.
+
+    ``dtype``: None = the directory's own dtype."""
     model, manifest = load_pruned(path, dtype=dtype)
     masks = None
     if manifest.get("masks_file"):

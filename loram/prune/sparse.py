@@ -96,6 +96,7 @@ def score_mask(
     scores per output row and hit ``round(numel * ratio)`` zeros exactly; N:M masks prune the
     ``m - n`` lowest of every ``m`` consecutive inputs.
     """
+    # Scores in fp32 for any weight dtype (bf16 would tie many near-equal scores).
     score = weight.detach().float().abs()
     if act_sq is not None:
         score = score * act_sq.to(score.device, torch.float32).clamp_min(0).sqrt()[None, :]
@@ -152,6 +153,9 @@ def sparsegpt_prune(
         blocksize = max(m, blocksize // m * m)
     elif pattern != "unstructured":
         raise ValueError(f"pattern = {pattern!r}: expected one of {PATTERNS}")
+    # The OBS updates and the inverse Hessian are fp32 whatever the model's dtype: the error
+    # compensation accumulates over all columns and the Cholesky factor of a bf16 Hessian is
+    # not reliable. The result is cast back to the weight's dtype once, at the end.
     w = weight.detach().to(torch.float32).clone()
     hinv = _inverse_hessian_chol(hessian.to(w.device), percdamp)
     pruned = torch.zeros_like(w, dtype=torch.bool)
@@ -228,7 +232,12 @@ def prune_matrix(
 
 
 class _InputStats:
-    """Running statistics of a linear layer's inputs over the non-padding calibration tokens."""
+    """Running statistics of a linear layer's inputs over the non-padding calibration tokens.
+
+    Accumulated in fp32 whatever the model's dtype: the layers run in the model's (artifact's)
+    dtype, but the squared-norm sums (Wanda) and ``Σ x xᵀ`` (SparseGPT's Hessian) add up
+    thousands of tokens, which bf16 / fp16 sums would round away.
+    """
 
     def __init__(self, cols: int, hessian: bool, device: torch.device) -> None:
         self.sq = torch.zeros(cols, dtype=torch.float32, device=device)

@@ -393,6 +393,10 @@ def _taylor(model, layers, calib_batches, geom, progress) -> dict[int, dict[str,
     was_training = model.training
     device = next(model.parameters()).device
     try:
+        # fp32 on purpose, whatever the model's dtype: the gradients are summed over the
+        # calibration batches and |W ⊙ G| ranks channels whose scores differ by less than a
+        # bf16 ulp, so a bf16 / fp16 model is upcast (exactly) for this pass, then cast back
+        # below; the scores themselves are float64.
         model.float()
         model.eval()
         for _, p in params:

@@ -360,6 +360,9 @@ class AlignParams(_Params):
         "never trained).",
     )
     save_every: int = Field(10, ge=1)
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="clip the gradient norm of each step to this (0: no clipping)"
+    )
     keep_checkpoint: bool = Field(False, description=_KEEP)
     max_val_blocks: int = Field(
         16, ge=1, description="Held-out ``seq_len`` blocks for the validation loss."
@@ -385,6 +388,9 @@ class TrainParams(_Params):
     max_steps: int = Field(40, ge=1)
     seq_len: int = Field(256, ge=8)
     save_every: int = Field(10, ge=1)
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="clip the gradient norm of each step to this (0: no clipping)"
+    )
     keep_checkpoint: bool = Field(False, description=_KEEP)
     eval_every: int = Field(20, ge=1)
     max_val_rows: int = Field(

@@ -56,7 +56,10 @@ def _check_adapter_fits(peft_model, adapter_dir: Path) -> None:
 
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as fh:
         file_shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    model_shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    # save_embedding_layers=False: peft's "auto" compares the vocabulary with whatever model
+    # lies at the adapter's base_model_name_or_path relative to the working directory.
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    model_shapes = {k: tuple(v.shape) for k, v in state.items()}
     # peft lists lm_head/embedding base weights too; a recovered adapter omits them on purpose.
     missing = sorted(k for k in set(model_shapes) - set(file_shapes) if ".base_layer." not in k)
     extra = sorted(set(file_shapes) - set(model_shapes))

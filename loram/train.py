@@ -14,7 +14,7 @@ import torch
 from loram.config import AlignParams, TrainParams
 from loram.data import encode_rows, pack_text
 from loram.loss import evaluate_loss
-from loram.trainloop import LoopConfig, train_loop
+from loram.trainloop import train_loop
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +29,6 @@ def lora_config(p: TrainParams):
         target_modules=list(p.targets) + (["lm_head"] if p.lm_head else []),
         bias="none",
         task_type="CAUSAL_LM",
-    )
-
-
-def _loop_config(p, eval_every: int | None = None) -> LoopConfig:
-    return LoopConfig(
-        max_steps=p.max_steps,
-        lr=p.lr,
-        schedule=p.schedule,
-        warmup_steps=p.warmup_steps,
-        micro_batch=p.micro_batch,
-        grad_accum=p.grad_accum,
-        weight_decay=p.weight_decay,
-        save_every=p.save_every,
-        eval_every=eval_every or getattr(p, "eval_every", p.save_every),
-        seed=p.seed,
-        keep_checkpoint=p.keep_checkpoint,
     )
 
 
@@ -68,7 +52,9 @@ def save_adapter(peft_model, out_dir) -> None:
 
     from loram.fsio import dumps
 
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    # save_embedding_layers=False: the embeddings are never trained here, and peft's "auto"
+    # would consult whatever model lies at base_model_name_or_path from the working directory.
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
     cfg = Path(out_dir) / "adapter_config.json"
     obj = json.loads(cfg.read_text(encoding="utf-8"))
     for key in ("target_modules", "exclude_modules"):  # sets in peft, lists in the JSON
@@ -148,7 +134,7 @@ def train_lora(
         peft_model,
         train_ex,
         val_ex,
-        _loop_config(p),
+        p,
         ckpt_dir,
         pad,
         fingerprint_extra={"lora": lora_settings(p), "quantize": p.quantize},
@@ -217,9 +203,10 @@ def align_model(
                 model,
                 blocks,
                 val_blocks,
-                _loop_config(p, eval_every=max(1, p.max_steps // 4) if p.max_steps else 1),
+                p,
                 ckpt_dir,
                 pad,
+                eval_every=max(1, p.max_steps // 4) if p.max_steps else 1,
                 fingerprint_extra={"align": True, "masked": bool(masks)},
                 after_step=after,
                 desc="align",

@@ -15,7 +15,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,32 +24,28 @@ from transformers import get_scheduler
 
 from loram.data import collate
 from loram.errors import ArtifactError
-from loram.fsio import dumps
+from loram.fsio import atomic_dir, dumps, read_marker
 from loram.loss import batch_loss, evaluate_loss
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoopConfig:
-    max_steps: int
-    lr: float
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    micro_batch: int = 1
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    save_every: int = 50
-    eval_every: int = 50
-    seed: int = 0
-    max_grad_norm: float = 1.0
-    keep_checkpoint: bool = False
+# Settings that do not shape the trajectory of a run: left out of its fingerprint.
+_NOT_FINGERPRINTED = (
+    "keep_checkpoint",
+    "save_every",
+    "eval_every",
+    "max_val_rows",
+    "max_val_blocks",
+)
 
-    def fingerprint(self, extra: dict | None = None) -> str:
-        """Digest of the settings that shape the run (sets sorted: stable across processes)."""
-        settings = {k: v for k, v in asdict(self).items() if k != "keep_checkpoint"}
-        blob = dumps({**settings, **(extra or {})}, indent=None)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+def run_fingerprint(p, extra: dict | None = None) -> str:
+    """Digest of the settings that shape the run (``p``: the stage's params model) plus
+    ``extra`` (data and starting weights); lists and sets sorted where they are sets."""
+    settings = {k: v for k, v in p.model_dump().items() if k not in _NOT_FINGERPRINTED}
+    blob = dumps({**settings, **(extra or {})}, indent=None)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def examples_digest(examples: list[dict]) -> str:
@@ -109,18 +104,23 @@ def train_loop(
     model,
     train_examples: list[dict],
     val_examples: list[dict],
-    cfg: LoopConfig,
+    cfg,
     ckpt_dir: str | Path,
     pad_id: int,
     *,
+    eval_every: int | None = None,
     fingerprint_extra: dict | None = None,
     after_step: Callable[[], None] | None = None,
     desc: str = "train",
 ) -> list[dict]:
     """Train the parameters of ``model`` that require grad; returns the history of logged steps.
 
+    ``cfg`` is the stage's own params model (``TrainParams`` or ``AlignParams``): max_steps, lr,
+    schedule, warmup_steps, micro_batch, grad_accum, weight_decay, max_grad_norm, save_every,
+    keep_checkpoint, seed and (train) eval_every; ``eval_every`` overrides the latter.
     ``after_step`` runs after every optimizer step (e.g. re-apply sparsity masks).
     """
+    eval_every = eval_every or getattr(cfg, "eval_every", None) or cfg.save_every
     if not train_examples:
         raise ValueError("no training examples (check the data source and seq_len)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -140,13 +140,14 @@ def train_loop(
     )
 
     ckpt_dir = Path(ckpt_dir)
-    fp = cfg.fingerprint(
+    fp = run_fingerprint(
+        cfg,
         {
             "n_train": len(train_examples),
             "data": examples_digest(train_examples),
             "weights": weights_digest(model),
             **(fingerprint_extra or {}),
-        }
+        },
     )
     _clean_partial(ckpt_dir)
     step, history = _maybe_resume(model, opt, sched, ckpt_dir, fp, named)
@@ -186,7 +187,7 @@ def train_loop(
         step += 1
         tokens_per_step = tok_sum
         rec = {"step": step, "loss": loss_sum / max(tok_sum, 1), "lr": sched.get_last_lr()[0]}
-        if val_examples and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        if val_examples and (step % eval_every == 0 or step == cfg.max_steps):
             rec["val_loss"] = evaluate_loss(model, val_examples, cfg.micro_batch, pad_id)
         history.append(rec)
         bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "step"})
@@ -211,37 +212,34 @@ def _device_of(model) -> torch.device:
 
 
 def _save_checkpoint(model, opt, sched, ckpt_dir: Path, fp: str, step: int, history, named) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / f".tmp-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(
-        {n: p.detach().contiguous().cpu() for n, p in named}, str(tmp / "trainable.safetensors")
-    )
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(
-        json.dumps({"fingerprint": fp, "step": step, "history": history})
-    )
-    last = ckpt_dir / "last"
-    old = ckpt_dir / ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if last.exists():
-        last.rename(old)
-    tmp.rename(last)
-    shutil.rmtree(old, ignore_errors=True)
+    """``ckpt_dir/last``, replaced atomically (the one writer of :mod:`loram.fsio`)."""
+    with atomic_dir(ckpt_dir / "last", "checkpoint") as tmp:
+        save_file(
+            {n: p.detach().contiguous().cpu() for n, p in named}, str(tmp / "trainable.safetensors")
+        )
+        torch.save(
+            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt"
+        )
+        (tmp / "state.json").write_text(
+            json.dumps({"fingerprint": fp, "step": step, "history": history})
+        )
 
 
 def _clean_partial(ckpt_dir: Path) -> None:
-    """Remove the half-written ``.tmp-STEP`` / ``.old`` directories of a killed run."""
+    """Remove the half-written directories of a killed run (``.last.tmp-PID-*`` are removed by
+    the writer; ``.tmp-STEP`` / ``.old`` are an older version's)."""
     if not ckpt_dir.is_dir():
         return
+    last = ckpt_dir / "last"
+    if last.is_dir() and read_marker(last) is None:  # an older version's checkpoint
+        (last / ".loram-output.json").write_text(dumps({"command": "checkpoint", "format": 1}))
     for leftover in [*ckpt_dir.glob(".tmp-*"), ckpt_dir / ".old"]:
         if leftover.is_dir():
             log.info("removing the partial checkpoint %s of an interrupted run", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _finish(ckpt_dir: Path, cfg: LoopConfig) -> None:
+def _finish(ckpt_dir: Path, cfg) -> None:
     """A completed run keeps its last checkpoint only if asked (``keep_checkpoint``)."""
     if cfg.keep_checkpoint:
         return
@@ -273,7 +271,12 @@ def _maybe_resume(model, opt, sched, ckpt_dir: Path, fp: str, named) -> tuple[in
         _set_aside(ckpt_dir, f"state.json: {exc}")
         return 0, []
     if state.get("fingerprint") != fp:
-        log.warning("checkpoint in %s was made with other settings; starting afresh", ckpt_dir)
+        log.warning(
+            "checkpoint %s was made with other settings, data or starting weights; removing it "
+            "and starting afresh",
+            last,
+        )
+        shutil.rmtree(last)
         return 0, []
     try:
         from loram.models import check_safetensors

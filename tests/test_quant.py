@@ -12,7 +12,7 @@ from loram.quant import parameter_bytes, quantize_nf4  # noqa: E402
 from loram.recover import recover_adapter  # noqa: E402
 from loram.tiny import tiny_llama, tiny_qwen2  # noqa: E402
 from loram.train import lora_config  # noqa: E402
-from loram.trainloop import LoopConfig, train_loop  # noqa: E402
+from loram.trainloop import train_loop  # noqa: E402
 
 
 def _linear_bytes_fp32(model) -> int:
@@ -51,7 +51,9 @@ def test_qloram_trains_recovers_and_merges_into_fp32_original(tmp_path, build):
         {"input_ids": (ids := torch.randint(0, 128, (12,), generator=g).tolist()), "labels": ids}
         for _ in range(8)
     ]
-    cfg = LoopConfig(max_steps=3, lr=5e-2, micro_batch=2, save_every=3, eval_every=3)
+    cfg = TrainParams(
+        warmup_steps=0, max_steps=3, lr=5e-2, micro_batch=2, save_every=3, eval_every=3
+    )
     hist = train_loop(peft, ex, ex[:2], cfg, tmp_path / "ckpt", pad_id=0)  # eval: no-grad forward
     assert len(hist) == 3 and "val_loss" in hist[-1]
     peft.save_pretrained(tmp_path / "pruned_adapter")

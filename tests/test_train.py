@@ -5,7 +5,7 @@ from peft import get_peft_model
 from loram.config import AlignParams, TrainParams
 from loram.tiny import tiny_llama, tiny_qwen2
 from loram.train import lora_config
-from loram.trainloop import LoopConfig, batch_indices, train_loop
+from loram.trainloop import batch_indices, train_loop
 
 
 def _examples(n=12, length=10, vocab=128, seed=0):
@@ -38,7 +38,7 @@ def test_batch_order_is_a_function_of_seed_and_step():
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
 def test_interrupted_training_resumes_to_identical_weights(tmp_path, build):
-    cfg = LoopConfig(
+    cfg = TrainParams(
         max_steps=6,
         lr=1e-2,
         warmup_steps=1,
@@ -76,9 +76,13 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, build):
 
 def test_changed_settings_do_not_resume(tmp_path):
     ex = _examples()
-    cfg = LoopConfig(max_steps=2, lr=1e-2, micro_batch=2, save_every=1, eval_every=1)
+    cfg = TrainParams(
+        warmup_steps=0, max_steps=2, lr=1e-2, micro_batch=2, save_every=1, eval_every=1
+    )
     train_loop(_lora_model(), ex, [], cfg, tmp_path, pad_id=0)
-    cfg2 = LoopConfig(max_steps=2, lr=5e-3, micro_batch=2, save_every=1, eval_every=1)
+    cfg2 = TrainParams(
+        warmup_steps=0, max_steps=2, lr=5e-3, micro_batch=2, save_every=1, eval_every=1
+    )
     hist = train_loop(_lora_model(), ex, [], cfg2, tmp_path, pad_id=0)
     assert [h["step"] for h in hist] == [1, 2]  # started afresh
 
@@ -96,7 +100,9 @@ def test_weights_digest_samples_large_tensors_exactly():
 def test_other_start_weights_or_data_do_not_resume(tmp_path):
     """A re-pruned / re-aligned base (same shapes, other values) or other data starts afresh."""
     ex = _examples()
-    cfg = LoopConfig(max_steps=2, lr=1e-2, micro_batch=2, save_every=1, eval_every=1)
+    cfg = TrainParams(
+        warmup_steps=0, max_steps=2, lr=1e-2, micro_batch=2, save_every=1, eval_every=1
+    )
     first = _lora_model()
     train_loop(first, ex, [], cfg, tmp_path, pad_id=0)
     trained = _trainable(first)

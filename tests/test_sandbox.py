@@ -33,15 +33,40 @@ needs_os_isolation = pytest.mark.skipif(
 )
 
 
+_TOKEN = {"value": "loram-sbx-"}
+
+
+@pytest.fixture(autouse=True)
+def _own_sandboxes(tmp_path_factory, monkeypatch):
+    """This test's sandbox directories carry a token in their name, so sandboxes of a
+    concurrent run (another test suite, a pipeline scoring HumanEval) are never mistaken for
+    survivors of this test. (They stay in the system temp dir: the sandbox's unprivileged uid
+    must be able to traverse their parent.)"""
+    root = tmp_path_factory.mktemp("sbx")
+    token = f"loram-sbx-{os.getpid()}{root.name}-"
+    real = tempfile.mkdtemp
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        if prefix == "loram-sbx-":
+            prefix = token
+        return real(suffix=suffix, prefix=prefix, dir=dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    _TOKEN["value"] = token
+    yield
+    _TOKEN["value"] = "loram-sbx-"
+
+
 def _sandboxed_processes() -> list[str]:
-    """Processes whose working directory is a sandbox directory (should be none at rest)."""
+    """Processes whose working directory is one of this test's sandbox directories (should be
+    none at rest)."""
     hits = []
     for proc in glob.glob("/proc/[0-9]*"):
         try:
             cwd = os.readlink(f"{proc}/cwd")
         except OSError:
             continue
-        if "loram-sbx-" in cwd:
+        if _TOKEN["value"] in cwd:
             hits.append(f"{proc}: {cwd}")
     return hits
 
@@ -164,10 +189,9 @@ def test_files_outside_the_working_directory_are_protected(tmp_path):
 
 
 def test_sandbox_directory_is_removed():
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "loram-sbx-*")))
+    mine = os.path.join(tempfile.gettempdir(), _TOKEN["value"] + "*")
     check_program("open('junk.bin', 'wb').write(b'x' * 1000)")
-    after = set(glob.glob(os.path.join(tempfile.gettempdir(), "loram-sbx-*")))
-    assert after <= before
+    assert not glob.glob(mine)
 
 
 def test_memory_exhaustion_fails_cleanly():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 STAGE_MODULES = (
@@ -25,6 +26,19 @@ TOOL_MODULES = ("loram.memory", "loram.report", "loram.profiles")
 """Modules that register their own sub-commands with ``add_parser(subparsers)``."""
 
 
+def _help(doc: str) -> str:
+    """A stage module's docstring as CLI help: "Stage ``x@NAME`` (offline): text" -> "text
+    (DVC stage x@NAME, offline)", reST quotes dropped."""
+    m = re.match(r"Stage ``([^`]+)``(?: \(([^)]*)\))?: (.*)", " ".join(doc.split()), re.S)
+    if not m:
+        return doc.replace("``", "")
+    stage, kind, text = m.groups()
+    text = text.replace("``", "")
+    return (
+        f"{text[0].upper()}{text[1:].rstrip('.')} (DVC stage {stage}{', ' + kind if kind else ''})."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loram.pipeline.entry import add_arguments, invoke
 
@@ -36,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in STAGE_MODULES:
         mod = importlib.import_module(f"loram.pipeline.{name}")
-        doc = (mod.__doc__ or "").strip().split("\n\n")[0]
+        doc = _help((mod.__doc__ or "").strip().split("\n\n")[0])
         sp = sub.add_parser(name, help=doc, description=doc)
         add_arguments(sp, mod)
         sp.set_defaults(func=lambda ns, _m=mod: invoke(_m, ns))

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from loram.errors import LoramError
+from loram.errors import ArtifactError, LoramError
 
 MARKER = ".loram-output.json"
 """Written inside every output directory: which ``loram`` command produced it."""
@@ -57,6 +57,29 @@ def canonical(obj: Any) -> Any:
 def dumps(obj: Any, indent: int | None = 2) -> str:
     """Deterministic JSON: sorted keys, sets sorted, NaN as null, newline at the end."""
     return json.dumps(canonical(obj), indent=indent, sort_keys=True, default=str) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_json(path: str | os.PathLike, hint: str = "") -> Any:
+    """Parse the JSON file ``path``; a malformed file raises :class:`ArtifactError` naming it."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{p} is not valid JSON ({exc})" + (f"; {hint}" if hint else "")
+        ) from None
+
+
+def read_json_object(path: str | os.PathLike, hint: str = "") -> dict:
+    """:func:`read_json` for a file that must hold a JSON object."""
+    obj = read_json(path, hint)
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{Path(path)} is not a JSON object")
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------

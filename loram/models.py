@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 
 from loram.errors import ArtifactError, LoramError
-from loram.fsio import atomic_dir, atomic_write_json, atomic_write_text, dumps
+from loram.fsio import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    dumps,
+    read_json,
+    read_json_object,
+)
 
 __all__ = [
     "artifact_dtype",
@@ -59,10 +66,7 @@ def artifact_dtype(path: str | Path) -> torch.dtype:
     """
     p = Path(path)
     cfg = p / "config.json"
-    try:
-        conf = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(f"{cfg} is not valid JSON ({exc}); {RESTORE_HINT}") from None
+    conf = read_json(cfg, RESTORE_HINT) if cfg.is_file() else {}
     name = None
     if isinstance(conf, dict):
         name = conf.get("dtype") or conf.get("torch_dtype")
@@ -285,10 +289,7 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
         raise ArtifactError(
             f"{what} directory {raw!r} has no config.json (expected a Hugging Face model dir)"
         )
-    try:
-        conf = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(f"{cfg} is not valid JSON ({exc}); {RESTORE_HINT}") from None
+    conf = read_json(cfg, RESTORE_HINT)
     if not isinstance(conf, dict) or "model_type" not in conf:
         raise ArtifactError(f"{cfg} has no model_type: not a transformers model config")
     files = weight_files(p)
@@ -391,12 +392,7 @@ def check_adapter_dir(path: str | Path, what: str = "adapter") -> dict:
     cfg = p / "adapter_config.json"
     if not cfg.is_file():
         raise ArtifactError(f"no adapter_config.json in {raw!r}: not a peft adapter directory")
-    try:
-        conf = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(f"{cfg} is not valid JSON ({exc}); {RESTORE_HINT}") from None
-    if not isinstance(conf, dict):
-        raise ArtifactError(f"{cfg} is not a JSON object")
+    conf = read_json_object(cfg, RESTORE_HINT)
     w = p / "adapter_model.safetensors"
     if not w.is_file():
         raise ArtifactError(

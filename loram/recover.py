@@ -20,7 +20,6 @@ had no weights at all.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loram.errors import ArtifactError
-from loram.fsio import atomic_dir, dumps
+from loram.fsio import atomic_dir, dumps, read_json_object
 from loram.models import check_adapter_dir
 from loram.prune.artifact import MANIFEST_NAME, read_manifest, structure_digest
 from loram.prune.common import module_path
@@ -57,13 +56,7 @@ def read_provenance(adapter_dir: str | os.PathLike) -> dict | None:
     f = Path(adapter_dir) / PROVENANCE
     if not f.is_file():
         return None
-    try:
-        obj = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(f"{f} is not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise ArtifactError(f"{f} is not a JSON object")
-    return obj
+    return read_json_object(f)
 
 
 def check_provenance(adapter_dir, pruned_dir, *, recovered: bool) -> None:

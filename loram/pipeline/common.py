@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from loram.errors import ArtifactError
-from loram.fsio import atomic_write_json, check_output_dir, check_output_file
+from loram.fsio import (
+    atomic_write_json,
+    check_output_dir,
+    check_output_file,
+    read_json_object,
+)
 
 log = logging.getLogger("loram")
 
@@ -29,15 +33,7 @@ def read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run the stage that produces it first")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(
-            f"{path} is not valid JSON ({exc}); re-run the stage that makes it"
-        ) from None
-    if not isinstance(obj, dict):
-        raise ArtifactError(f"{path} is not a JSON object")
-    return obj
+    return read_json_object(path, "re-run the stage that makes it")
 
 
 def need_file(path: str | Path, what: str) -> Path:

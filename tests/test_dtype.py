@@ -15,21 +15,14 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from tinyproject import SOURCES, WORDS, write_sources
 
 from loram.cli import main
 from loram.models import artifact_dtype, resolve_dtype
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-
 PARAMS = {
     "base": {"model": "tiny-llama", "dtype": "bfloat16"},
-    "data": {
-        "train": {"kind": "file", "name": "src/train.jsonl"},
-        "ood": [{"kind": "file", "name": "src/ood.jsonl"}],
-        "align": {"kind": "file", "name": "src/align.txt", "format": "text"},
-        "max_val_rows": 4,
-        "max_ood_rows": 4,
-    },
+    "data": SOURCES,
     "prune": {"ratio": 0.5, "calib_samples": 2, "calib_seq_len": 64},
     # A large alignment lr so that the 2 steps move weights by more than a bf16 ulp.
     "align": {
@@ -57,22 +50,8 @@ PARAMS = {
 SEMI = {"method": "semi", "criterion": "wanda", "n": 2, "m": 4}
 
 
-def _rows(n: int, seed: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        w = [WORDS[(seed + i * 7 + k * 3) % len(WORDS)] for k in range(6)]
-        out.append({"prompt": f"List {w[0]} and {w[1]}.", "response": " ".join(w)})
-    return out
-
-
 def _write_project(root: Path, dtype: str) -> None:
-    src = root / "src"
-    src.mkdir(parents=True)
-    (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(16, 0)))
-    (src / "ood.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(4, 5)))
-    (src / "align.txt").write_text(
-        "\n".join(" ".join(WORDS[(i + k) % len(WORDS)] for k in range(30)) for i in range(24))
-    )
+    write_sources(root, n_train=16, n_ood=4, n_align=24)
     params = {**PARAMS, "base": {**PARAMS["base"], "dtype": dtype}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     semi = {**params, "prune": {**params["prune"], **SEMI}}

@@ -20,18 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tinyproject import SOURCES, write_sources
 
 from loram.cli import main
 
 PARAMS = {
     "base": {"model": "tiny-llama"},
-    "data": {
-        "train": {"kind": "file", "name": "src/train.jsonl"},
-        "ood": [{"kind": "file", "name": "src/ood.jsonl"}],
-        "align": {"kind": "file", "name": "src/align.txt", "format": "text"},
-        "max_val_rows": 4,
-        "max_ood_rows": 4,
-    },
+    "data": SOURCES,
     "prune": {"calib_samples": 2, "calib_seq_len": 64},
     "align": {"max_steps": 2, "warmup_steps": 0, "micro_batch": 2, "seq_len": 64, "save_every": 1},
     "train": {
@@ -46,25 +41,9 @@ PARAMS = {
     "eval": {"ppl_max_rows": 2, "ppl_seq_len": 64, "batch_size": 2, "tasks": []},
 }
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-
-
-def _rows(n: int, seed: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        w = [WORDS[(seed + i * 7 + k * 3) % len(WORDS)] for k in range(6)]
-        out.append({"prompt": f"List {w[0]} and {w[1]}.", "response": " ".join(w)})
-    return out
-
 
 def _write_project(root: Path) -> None:
-    src = root / "src"
-    src.mkdir(parents=True)
-    (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(24, 0)))
-    (src / "ood.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(6, 5)))
-    (src / "align.txt").write_text(
-        "\n".join(" ".join(WORDS[(i + k) % len(WORDS)] for k in range(30)) for i in range(40))
-    )
+    write_sources(root, n_train=24, n_ood=6, n_align=40)
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
     (root / "README.md").write_text("keep me\n")
 

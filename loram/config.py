@@ -342,6 +342,15 @@ class PruneParams(_Params):
 
 
 _KEEP = "Keep the last checkpoint after the run completes (false: delete it, saving disk)."
+_PROCESSES = (
+    "Data-parallel processes the stage starts itself (one per GPU; gloo on CPU). The global "
+    "batch stays micro_batch x grad_accum and is dealt in whole micro-batches: grad_accum must "
+    "be a multiple of it."
+)
+_SHARDING = "none: every process holds the whole model (DDP) | fsdp: FSDP2, decoder layers sharded."
+_PRECISION = "auto: bf16 autocast on a GPU with bf16, else fp32 | fp32 | bf16 (autocast)."
+Sharding = Literal["none", "fsdp"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 class AlignParams(_Params):
@@ -367,6 +376,9 @@ class AlignParams(_Params):
     max_val_blocks: int = Field(
         16, ge=1, description="Held-out ``seq_len`` blocks for the validation loss."
     )
+    processes: int = Field(1, ge=1, description=_PROCESSES)
+    sharding: Sharding = Field("none", description=_SHARDING)
+    precision: Precision = Field("auto", description=_PRECISION)
     seed: int = 0
 
 
@@ -401,6 +413,9 @@ class TrainParams(_Params):
     )
     weight_decay: float = Field(0.0, ge=0)
     quantize: Literal["none", "nf4"] = Field("none", description="nf4: QLoRAM (NF4 base).")
+    processes: int = Field(1, ge=1, description=_PROCESSES)
+    sharding: Sharding = Field("none", description=_SHARDING)
+    precision: Precision = Field("auto", description=_PRECISION)
     seed: int = 0
 
 

@@ -8,13 +8,20 @@ from torch import nn
 from loram.prune.common import LINEAR_PROJ
 
 
-def quantize_nf4(model, compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def quantize_nf4(
+    model,
+    compute_dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    quant_storage: torch.dtype = torch.uint8,
+):
     """Replace every decoder projection by a bitsandbytes NF4 ``Linear4bit`` (double quant).
 
     Embeddings, norms and lm_head stay as they are (in the base's dtype), as with
     ``BitsAndBytesConfig(load_in_4bit=True)``. Works on pruned (smaller) projections too.
     ``compute_dtype``: the dtype the 4-bit layers dequantize to and compute in; training passes
     the base artifact's dtype (bf16 for a bf16 base), so activations keep one dtype.
+    ``quant_storage``: the dtype the packed 4-bit values are stored in (``bnb_4bit_quant_storage``);
+    a float dtype (the base's) lets FSDP shard them with the rest of a decoder layer.
     """
     try:
         import bitsandbytes as bnb
@@ -36,6 +43,7 @@ def quantize_nf4(model, compute_dtype: torch.dtype = torch.float32, device: str 
                     compute_dtype=compute_dtype,
                     quant_type="nf4",
                     compress_statistics=True,
+                    quant_storage=quant_storage,
                 )
                 q.weight = bnb.nn.Params4bit(
                     # (an exact upcast of a bf16 / fp16 weight; the NF4 scales come out fp32)
@@ -43,6 +51,7 @@ def quantize_nf4(model, compute_dtype: torch.dtype = torch.float32, device: str 
                     requires_grad=False,
                     quant_type="nf4",
                     compress_statistics=True,
+                    quant_storage=quant_storage,
                 )
                 if lin.bias is not None:
                     q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)

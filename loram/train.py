@@ -112,7 +112,9 @@ def train_lora(
     # in that dtype too.
     base_dtype = _base_dtype(model)
     if p.quantize == "nf4":
-        model = quantize_nf4(model, compute_dtype=base_dtype, device=device)
+        # Under FSDP the packed 4-bit weights are stored in the base's float dtype (shardable).
+        storage = base_dtype if p.sharding == "fsdp" else torch.uint8
+        model = quantize_nf4(model, compute_dtype=base_dtype, device=device, quant_storage=storage)
     model.to(device)
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -142,7 +144,8 @@ def train_lora(
     )
     seconds = time.time() - t0
     samples = p.max_steps * p.micro_batch * p.grad_accum
-    save_adapter(peft_model, adapter_out)
+    if adapter_out is not None:  # None: a data-parallel rank > 0 (rank 0 saves)
+        save_adapter(peft_model, adapter_out)
     return {
         "history": history,
         "train_seconds": round(seconds, 2),

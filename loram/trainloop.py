@@ -7,6 +7,7 @@ The batch order is a pure function of (seed, step), so a resumed run sees the sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from transformers import get_scheduler
 from loram.data import collate
 from loram.errors import ArtifactError
 from loram.fsio import atomic_dir, dumps, read_marker
-from loram.loss import batch_loss, evaluate_loss
+from loram.loss import batch_loss
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ _NOT_FINGERPRINTED = (
     "eval_every",
     "max_val_rows",
     "max_val_blocks",
+    "processes",  # N processes follow the 1-process trajectory (a run may resume with another N)
 )
 
 
@@ -100,6 +102,18 @@ def batch_indices(n: int, step: int, micro: int, accum: int, seed: int) -> list[
     return out
 
 
+def rank_share(micro: list[list[int]], rank: int, n: int) -> list[tuple[int, list[int]]]:
+    """The micro-batches ``(j, indices)`` of a step that rank ``rank`` of ``n`` runs: j ≡ rank
+    (mod n). Every micro-batch goes to exactly one rank, whole and unchanged."""
+    return [(j, idx) for j, idx in enumerate(micro) if j % n == rank]
+
+
+def micro_seed(seed: int, step: int, j: int) -> int:
+    """Seed of the dropout stream of micro-batch ``j`` of step ``step``: a function of the
+    micro-batch, not of the process that runs it, so N processes draw the same masks as one."""
+    return (seed * 1_000_003 + step) * 1_009 + j
+
+
 def train_loop(
     model,
     train_examples: list[dict],
@@ -117,29 +131,47 @@ def train_loop(
 
     ``cfg`` is the stage's own params model (``TrainParams`` or ``AlignParams``): max_steps, lr,
     schedule, warmup_steps, micro_batch, grad_accum, weight_decay, max_grad_norm, save_every,
-    keep_checkpoint, seed and (train) eval_every; ``eval_every`` overrides the latter.
-    ``after_step`` runs after every optimizer step (e.g. re-apply sparsity masks).
+    keep_checkpoint, seed, processes, sharding, precision and (train) eval_every;
+    ``eval_every`` overrides the latter. ``after_step`` runs after every optimizer step (e.g.
+    re-apply sparsity masks).
+
+    The engine is accelerate: one process, or (inside a worker of
+    :func:`loram.distributed.launch`) one of ``cfg.processes`` data-parallel ranks under DDP or
+    FSDP2. Each step's global batch (``micro_batch x grad_accum`` examples) is the same whatever
+    the number of processes; rank r runs micro-batches r, r+N, ... and the gradients are summed
+    across ranks. Only rank 0 writes checkpoints and logs.
     """
+    from loram import distributed as dist
+
     eval_every = eval_every or getattr(cfg, "eval_every", None) or cfg.save_every
     if not train_examples:
         raise ValueError("no training examples (check the data source and seq_len)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
-    decay = [p for n, p in named if p.ndim >= 2]
-    no_decay = [p for n, p in named if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
-    sched = get_scheduler(
-        cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
-    )
+    sharded = getattr(cfg, "sharding", "none") == "fsdp"
+    if sharded and after_step is not None:
+        raise ArtifactError(
+            "sharding: fsdp cannot re-apply sparsity masks after each step (semi / unstructured "
+            "bases); use sharding: none for them"
+        )
+    dist.check_split(desc, cfg)
+    acc = dist.accelerator(cfg, model)
+    try:
+        return _train(
+            acc, model, named, train_examples, val_examples, cfg, Path(ckpt_dir), pad_id,
+            eval_every, fingerprint_extra, after_step, desc, sharded,
+        )  # fmt: skip
+    finally:
+        if not dist.in_worker():
+            dist.release()
 
-    ckpt_dir = Path(ckpt_dir)
+
+def _train(
+    acc, model, named, train_examples, val_examples, cfg, ckpt_dir: Path, pad_id, eval_every,
+    fingerprint_extra, after_step, desc, sharded,
+) -> list[dict]:  # fmt: skip
+    n_proc, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     fp = run_fingerprint(
         cfg,
         {
@@ -149,36 +181,75 @@ def train_loop(
             **(fingerprint_extra or {}),
         },
     )
-    _clean_partial(ckpt_dir)
-    step, history = _maybe_resume(model, opt, sched, ckpt_dir, fp, named)
+    # Rank 0 tidies and validates the checkpoint (it may set it aside); then every rank reads it.
+    resumed = None
+    if main:
+        _clean_partial(ckpt_dir)
+        resumed = _read_checkpoint(ckpt_dir, fp, named)
+    acc.wait_for_everyone()
+    if not main:
+        resumed = _read_checkpoint(ckpt_dir, fp, named)
+    step, history, optim_state = resumed if resumed else (0, [], None)
     if step >= cfg.max_steps:
-        log.info("%s: already finished (%d steps) according to %s", desc, step, ckpt_dir)
-        _finish(ckpt_dir, cfg)
+        if main:
+            log.info("%s: already finished (%d steps) according to %s", desc, step, ckpt_dir)
+            _finish(ckpt_dir, cfg)
         return history
 
-    model.train()
-    device = _device_of(model)
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    wrapped, opt = acc.prepare(model, opt)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    if main:
+        log.info("%s: %s", desc, _engine_line(acc, wrapped))
+    sched = get_scheduler(
+        cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
+    if optim_state is not None:
+        _load_optimizer(wrapped, opt, optim_state["optimizer"], sharded)
+        sched.load_state_dict(optim_state["scheduler"])
+
+    wrapped.train()
+    device = acc.device
     tokens_per_step = None
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
+        disable=not main,
+    )  # fmt: skip
     t0 = time.time()
     while step < cfg.max_steps:
-        loss_sum, tok_sum = 0.0, 0
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout stream is a function of the step
         micro = batch_indices(len(train_examples), step, cfg.micro_batch, cfg.grad_accum, cfg.seed)
         n_tokens = sum(
             sum(1 for v in train_examples[i]["labels"][1:] if v != -100)
             for idx in micro
             for i in idx
         )
-        for idx in micro:
+        # The data-parallel engine averages gradients over the ranks; each rank's loss is
+        # scaled by N so the step's gradient is the token-weighted mean over the global batch.
+        denom = max(n_tokens, 1) / n_proc
+        mine = rank_share(micro, rank, n_proc)
+        loss_sum, tok_sum = 0.0, 0
+        for k, (j, idx) in enumerate(mine):
+            torch.manual_seed(micro_seed(cfg.seed, step, j))  # dropout: a function of (step, j)
             batch = collate([train_examples[i] for i in idx], pad_id)
-            loss, n = batch_loss(model, batch, device)
-            # Token-weighted mean over the whole accumulated step.
-            (loss / max(n_tokens, 1)).backward()
+            last = k == len(mine) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(wrapped):
+                loss, n = batch_loss(wrapped, batch, device)
+                acc.backward(loss / denom)
             loss_sum += loss.item()
             tok_sum += n
+        if n_proc > 1:
+            tot = acc.reduce(torch.tensor([loss_sum, tok_sum], dtype=torch.float64, device=device))
+            loss_sum, tok_sum = float(tot[0]), int(tot[1])
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+            acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -188,41 +259,133 @@ def train_loop(
         tokens_per_step = tok_sum
         rec = {"step": step, "loss": loss_sum / max(tok_sum, 1), "lr": sched.get_last_lr()[0]}
         if val_examples and (step % eval_every == 0 or step == cfg.max_steps):
-            rec["val_loss"] = evaluate_loss(model, val_examples, cfg.micro_batch, pad_id)
+            rec["val_loss"] = _val_loss(acc, wrapped, val_examples, cfg.micro_batch, pad_id, sharded)
         history.append(rec)
         bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "step"})
         bar.update(1)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
-            _save_checkpoint(model, opt, sched, ckpt_dir, fp, step, history, named)
+            _save_checkpoint(acc, wrapped, opt, sched, ckpt_dir, fp, step, history, named, sharded)
     bar.close()
-    _finish(ckpt_dir, cfg)
-    log.info(
-        "%s: %d steps in %.1fs (%s tokens in the last step)",
-        desc,
-        cfg.max_steps,
-        time.time() - t0,
-        tokens_per_step,
-    )
+    if main:
+        _finish(ckpt_dir, cfg)
+        log.info(
+            "%s: %d steps in %.1fs on %d process(es) (%s tokens in the last step)",
+            desc,
+            cfg.max_steps,
+            time.time() - t0,
+            n_proc,
+            tokens_per_step,
+        )
+    if sharded:
+        _gather_into(acc, wrapped, model)
     model.eval()
     return history
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
+def _engine_line(acc, wrapped) -> str:
+    """One line on the engine: accelerate's mode, processes, precision, sharded parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(wrapped.parameters())
+    shard = sum(isinstance(p, DTensor) for p in params)
+    return (
+        f"accelerate {acc.distributed_type.value} on {acc.num_processes} process(es), device "
+        f"{acc.device.type}, mixed precision {acc.mixed_precision}, {shard} of {len(params)} "
+        "parameter tensors sharded"
+    )
 
 
-def _save_checkpoint(model, opt, sched, ckpt_dir: Path, fp: str, step: int, history, named) -> None:
-    """``ckpt_dir/last``, replaced atomically (the one writer of :mod:`loram.fsio`)."""
-    with atomic_dir(ckpt_dir / "last", "checkpoint") as tmp:
-        save_file(
-            {n: p.detach().contiguous().cpu() for n, p in named}, str(tmp / "trainable.safetensors")
+def _val_loss(acc, wrapped, examples, batch_size: int, pad_id: int, sharded: bool) -> float:
+    """Mean token cross-entropy over ``examples``: the batches are dealt to the ranks (batch b
+    to rank b mod N) and the sums reduced; under FSDP every rank runs every batch (each forward
+    is a collective there) and counts only its own."""
+    model = wrapped if sharded else acc.unwrap_model(wrapped)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b, i in enumerate(range(0, len(examples), batch_size)):
+            if b % acc.num_processes != acc.process_index and not sharded:
+                continue
+            lp, n = batch_loss(model, collate(examples[i : i + batch_size], pad_id), acc.device)
+            if b % acc.num_processes == acc.process_index:
+                total += lp.item()
+                count += n
+    model.train(was_training)
+    if acc.num_processes > 1:
+        tot = acc.reduce(torch.tensor([total, count], dtype=torch.float64, device=acc.device))
+        total, count = float(tot[0]), int(tot[1])
+    return total / max(count, 1)
+
+
+def _load_optimizer(wrapped, opt, state: dict, sharded: bool) -> None:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
         )
-        torch.save(
-            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt"
+
+        set_optimizer_state_dict(
+            wrapped, opt.optimizer, state, options=StateDictOptions(full_state_dict=True)
         )
-        (tmp / "state.json").write_text(
-            json.dumps({"fingerprint": fp, "step": step, "history": history})
-        )
+    else:
+        opt.load_state_dict(state)
+
+
+def _full_state(wrapped, opt, names: set[str], sharded: bool) -> tuple[dict, dict | None]:
+    """FSDP: the trainable tensors and optimizer state gathered in full (a collective: every
+    rank calls it; rank 0 gets the tensors, on the CPU)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(wrapped, options=o)
+    osd = get_optimizer_state_dict(wrapped, opt.optimizer, options=o) if opt is not None else None
+    return {n: t for n, t in msd.items() if n in names}, osd
+
+
+def _gather_into(acc, wrapped, model) -> None:  # pragma: no cover - FSDP needs several devices
+    """After FSDP training: every rank leaves with the full trained tensors in ``model``'s
+    parameters (the stage then saves them on rank 0 as after a 1-process run)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
+    for name, module in list(model.named_modules()):
+        for pname, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            key = f"{name}.{pname}" if name else pname
+            if key in full:
+                module._parameters[pname] = torch.nn.Parameter(
+                    full[key].detach().clone(), requires_grad=p.requires_grad
+                )
+    acc.wait_for_everyone()
+
+
+def _save_checkpoint(
+    acc, wrapped, opt, sched, ckpt_dir: Path, fp: str, step: int, history, named, sharded: bool
+) -> None:
+    """``ckpt_dir/last``, replaced atomically (the one writer of :mod:`loram.fsio`) by rank 0;
+    the other ranks wait for it (under FSDP they first help gather the full state)."""
+    if sharded:
+        tensors, optim = _full_state(wrapped, opt, {n for n, _ in named}, sharded)
+    elif acc.is_main_process:
+        tensors = {n: p.detach().contiguous().cpu() for n, p in named}
+        optim = opt.state_dict()
+    if acc.is_main_process:
+        with atomic_dir(ckpt_dir / "last", "checkpoint") as tmp:
+            save_file(
+                {n: t.detach().contiguous().cpu() for n, t in tensors.items()},
+                str(tmp / "trainable.safetensors"),
+            )
+            torch.save({"optimizer": optim, "scheduler": sched.state_dict()}, tmp / "optim.pt")
+            (tmp / "state.json").write_text(
+                json.dumps({"fingerprint": fp, "step": step, "history": history})
+            )
+    acc.wait_for_everyone()
 
 
 def _clean_partial(ckpt_dir: Path) -> None:
@@ -259,17 +422,20 @@ def _set_aside(ckpt_dir: Path, why: str) -> None:
     )
 
 
-def _maybe_resume(model, opt, sched, ckpt_dir: Path, fp: str, named) -> tuple[int, list]:
+def _read_checkpoint(ckpt_dir: Path, fp: str, named) -> tuple[int, list, dict] | None:
+    """Resume from ``ckpt_dir/last`` if it was made by this run (same fingerprint): copies its
+    trainable tensors into ``named`` and returns (step, history, optimizer + scheduler state);
+    None to start afresh (no checkpoint; another run's, removed; unreadable, set aside)."""
     last = ckpt_dir / "last"
     if not last.is_dir():
-        return 0, []
+        return None
     try:
         state = json.loads((last / "state.json").read_text(encoding="utf-8"))
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise ValueError("state.json has no step")
     except (OSError, ValueError) as exc:
         _set_aside(ckpt_dir, f"state.json: {exc}")
-        return 0, []
+        return None
     if state.get("fingerprint") != fp:
         log.warning(
             "checkpoint %s was made with other settings, data or starting weights; removing it "
@@ -277,7 +443,7 @@ def _maybe_resume(model, opt, sched, ckpt_dir: Path, fp: str, named) -> tuple[in
             last,
         )
         shutil.rmtree(last)
-        return 0, []
+        return None
     try:
         from loram.models import check_safetensors
 
@@ -286,7 +452,7 @@ def _maybe_resume(model, opt, sched, ckpt_dir: Path, fp: str, named) -> tuple[in
         extra = torch.load(last / "optim.pt", weights_only=True)
     except (ArtifactError, OSError, RuntimeError, ValueError, EOFError) as exc:
         _set_aside(ckpt_dir, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return 0, []
+        return None
     params = dict(named)
     missing = sorted(set(params) - set(tensors))
     if missing:
@@ -302,10 +468,8 @@ def _maybe_resume(model, opt, sched, ckpt_dir: Path, fp: str, named) -> tuple[in
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
-    opt.load_state_dict(extra["optimizer"])
-    sched.load_state_dict(extra["scheduler"])
     log.info("resuming from %s at step %d", last, state["step"])
-    return int(state["step"]), list(state["history"])
+    return int(state["step"]), list(state["history"]), extra
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:

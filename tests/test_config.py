@@ -204,8 +204,8 @@ TARGETS = "'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down
             {"train": {"lrr": 1e-3}},
             "train.lrr is not a known parameter; allowed keys in 'train': alpha, dropout, "
             "eval_every, grad_accum, keep_checkpoint, lm_head, lr, max_grad_norm, max_steps, max_val_rows, "
-            "micro_batch, quantize, r, save_every, schedule, seed, seq_len, targets, "
-            "warmup_steps, weight_decay",
+            "micro_batch, precision, processes, quantize, r, save_every, schedule, seed, seq_len, "
+            "sharding, targets, warmup_steps, weight_decay",
         ),
         (
             {"data": {"ood": [{}, {"kidn": "hub"}]}},

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from loram.config import AlignParams
-from loram.pipeline.common import check_outputs, need_file, write_metrics
+from loram.pipeline.common import check_outputs, need_file, read_json, write_metrics
 
 NAME = "align"
 SECTIONS = ("align",)
@@ -34,6 +34,7 @@ def run(
     plots: str,
     name: str = "",
 ) -> dict:
+    from loram import distributed as dist
     from loram.data import read_jsonl
     from loram.fsio import atomic_dir
     from loram.models import load_tokenizer
@@ -50,11 +51,19 @@ def run(
         return {"enabled": False}
     texts = [r["text"] for r in read_jsonl(need_file(Path(data) / "align.jsonl", "data"))]
     val_texts = [r["text"] for r in read_jsonl(need_file(Path(data) / "align_val.jsonl", "data"))]
+    if p.max_steps > 0 and p.processes > 1 and not dist.in_worker():
+        # This stage again, in p.processes data-parallel workers (rank 0 writes the outputs).
+        dist.check_split("align", p)
+        opts = dict(pruned=pruned, data=data, out=out, checkpoints=checkpoints)
+        dist.launch("align", p.processes, run, p, **opts, metrics=metrics, plots=plots, name=name)
+        return read_json(metrics)
     # In the pruned artifact's dtype, and saved back in it: align_model trains on fp32 master
     # weights for a bf16 / fp16 model and rounds once at the end (loram.train.fp32_master_weights).
     model, manifest, masks = load_pruned_with_masks(pruned)
     tok = load_tokenizer(pruned)
     res = align_model(model, tok, texts, p, checkpoints, masks=masks, val_texts=val_texts)
+    if not dist.is_main():  # a data-parallel worker of rank > 0: trains, writes nothing
+        return {}
     manifest = dict(manifest, aligned={"steps": p.max_steps, "tokens": res["tokens"], "lr": p.lr})
     extra = {}
     if masks:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loram.config import TrainParams, to_dict
-from loram.pipeline.common import check_outputs, need_dir, need_file, write_metrics
+from loram.pipeline.common import check_outputs, need_dir, need_file, read_json, write_metrics
 
 NAME = "train"
 SECTIONS = ("train",)
@@ -49,6 +49,7 @@ def run(
     plots: str,
     name: str = "",
 ) -> dict:
+    from loram import distributed as dist
     from loram.data import read_jsonl
     from loram.fsio import atomic_dir, dumps
     from loram.models import count_params, load_tokenizer
@@ -58,6 +59,12 @@ def run(
     train_rows = read_jsonl(need_file(Path(data) / "train.jsonl", "training data"))
     val_rows = read_jsonl(need_file(Path(data) / "val.jsonl", "validation data"))
     need_dir(model, "model")
+    if p.processes > 1 and not dist.in_worker():
+        # This stage again, in p.processes data-parallel workers (rank 0 writes the outputs).
+        dist.check_split("train", p)
+        opts = dict(model=model, data=data, out=out, arm=arm, checkpoints=checkpoints)
+        dist.launch("train", p.processes, run, p, **opts, metrics=metrics, plots=plots, name=name)
+        return read_json(metrics)
     trained_on: dict = {"model_dir": str(model)}
     if (Path(model) / "loram_manifest.json").exists():
         from loram.prune.artifact import structure_digest
@@ -66,6 +73,9 @@ def run(
     net, manifest = load_trainable_base(model)
     original = (manifest or {}).get("params", {}).get("original") or count_params(net)
     tok = load_tokenizer(model)
+    if not dist.is_main():  # a data-parallel worker of rank > 0: trains, writes nothing
+        train_lora(net, tok, train_rows, val_rows, p, None, checkpoints)
+        return {}
     with atomic_dir(out, "train", [model, data]) as tmp:
         res = train_lora(net, tok, train_rows, val_rows, p, tmp, checkpoints)
         provenance = {

@@ -9,10 +9,12 @@ In a worker, :func:`accelerator` builds accelerate's ``Accelerator``, which join
 ``dvc exp run -S train.processes=2`` need no external launcher.
 
 The data split: the global batch of a step stays ``micro_batch x grad_accum`` examples, whatever N;
-its micro-batches are dealt to the ranks (micro-batch j to rank j mod N), so N must divide
-``grad_accum``. Every micro-batch is then the same tensor, with the same dropout stream, as in a
+its micro-batches are dealt to the ranks (micro-batch j to rank j mod N). When N divides
+``grad_accum`` every micro-batch is the same tensor, with the same dropout stream, as in a
 1-process run, and the gradients are summed across ranks: the loss curve is the 1-process one up to
-the order of floating-point additions.
+the order of floating-point additions. Otherwise N must divide ``micro_batch`` and the step is cut
+into ``grad_accum x N`` micro-batches of ``micro_batch / N`` (:func:`layout`): the same examples in
+the same order, i.e. the 1-process run with that micro-batch.
 
 Failures: the first worker that fails (an error, or killed by a signal) ends the stage; the parent
 stops the others (no worker is left waiting in a collective) and raises one :class:`LoramError`
@@ -70,12 +72,7 @@ def check_split(section: str, p) -> None:
                 f"{section}.sharding: fsdp shards across processes: set {section}.processes to "
                 "the number of GPUs (2 or more), or use sharding: none on one GPU"
             )
-    if n > 1 and p.grad_accum % n:
-        raise LoramError(
-            f"{section}.grad_accum ({p.grad_accum}) must be a multiple of {section}.processes "
-            f"({n}): the global batch (micro_batch x grad_accum) is dealt to the processes in "
-            f"whole micro-batches"
-        )
+    layout(section, p)
     if n > 1 and _device_kind() == "cuda":
         import torch
 
@@ -84,6 +81,24 @@ def check_split(section: str, p) -> None:
             raise LoramError(
                 f"{section}.processes is {n} but {have} GPU(s) are visible: one process per GPU"
             )
+
+
+def layout(section: str, p) -> tuple[int, int]:
+    """``(micro_batch, grad_accum)`` that ``p.processes`` processes run for the global batch
+    ``p.micro_batch x p.grad_accum``: the same when the processes divide ``grad_accum`` (whole
+    micro-batches are dealt out), else micro-batches of ``micro_batch / processes`` examples,
+    ``grad_accum x processes`` of them (the same examples, in the same order). One-line error when
+    the processes divide neither."""
+    n, m, a = p.processes, p.micro_batch, p.grad_accum
+    if a % n == 0:
+        return m, a
+    if m % n == 0:
+        return m // n, a * n
+    raise LoramError(
+        f"{section}.processes ({n}) must divide {section}.grad_accum ({a}) or "
+        f"{section}.micro_batch ({m}): the global batch (micro_batch x grad_accum) is split "
+        "evenly across the processes"
+    )
 
 
 def _device_kind() -> str:
@@ -111,7 +126,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(index: int, n: int, port: int, errors, fn: Callable, args: tuple, kwargs: dict):
+def _worker(
+    index: int, n: int, port: int, errors, init, fn: Callable, args: tuple, kwargs: dict
+) -> None:
     """Body of worker ``index``: the distributed environment, then ``fn(*args, **kwargs)``.
 
     A failure is reported to the parent as one line on ``errors`` (no traceback on the console,
@@ -136,9 +153,8 @@ def _worker(index: int, n: int, port: int, errors, fn: Callable, args: tuple, kw
         torch.cuda.set_device(index)  # "cuda" means this worker's GPU from here on
     # CPU workers share the cores instead of each taking them all.
     torch.set_num_threads(max(1, torch.get_num_threads() // n))
-    from loram.pipeline.common import setup_logging
-
-    setup_logging()
+    if init is not None:
+        init()
     if index != 0:  # progress bars and log lines come from rank 0 only
         logging.getLogger().setLevel(logging.WARNING)
         os.environ["TQDM_DISABLE"] = "1"
@@ -161,10 +177,13 @@ def _worker(index: int, n: int, port: int, errors, fn: Callable, args: tuple, kw
             td.destroy_process_group()
 
 
-def launch(what: str, n: int, fn: Callable, *args, **kwargs) -> None:
+def launch(
+    what: str, n: int, fn: Callable, args: tuple, kwargs: dict, init: Callable | None = None
+) -> None:
     """Run ``fn(*args, **kwargs)`` in ``n`` worker processes; return when all have finished.
 
-    ``fn`` must be importable by name (a module-level function) and its arguments picklable.
+    ``fn`` and ``init`` (run first in each worker, e.g. to set up logging) must be importable by
+    name (module-level functions) and the arguments picklable.
     Raises one-line :class:`LoramError` when a worker fails or is killed; the other workers
     are stopped first.
     """
@@ -176,7 +195,7 @@ def launch(what: str, n: int, fn: Callable, *args, **kwargs) -> None:
     log.info("%s: starting %d processes (data-parallel, rendezvous 127.0.0.1:%d)", what, n, port)
     procs = mp.start_processes(
         _worker,
-        args=(n, port, errors, fn, args, kwargs),
+        args=(n, port, errors, init, fn, args, kwargs),
         nprocs=n,
         join=False,
         start_method="spawn",

@@ -155,12 +155,14 @@ def train_loop(
             "sharding: fsdp cannot re-apply sparsity masks after each step (semi / unstructured "
             "bases); use sharding: none for them"
         )
-    dist.check_split(desc, cfg)
+    section = "align" if desc == "align" else "train"
+    dist.check_split(section, cfg)
+    micro_batch, grad_accum = dist.layout(section, cfg)
     acc = dist.accelerator(cfg, model)
     try:
         return _train(
             acc, model, named, train_examples, val_examples, cfg, Path(ckpt_dir), pad_id,
-            eval_every, fingerprint_extra, after_step, desc, sharded,
+            eval_every, fingerprint_extra, after_step, desc, sharded, (micro_batch, grad_accum),
         )  # fmt: skip
     finally:
         if not dist.in_worker():
@@ -169,7 +171,7 @@ def train_loop(
 
 def _train(
     acc, model, named, train_examples, val_examples, cfg, ckpt_dir: Path, pad_id, eval_every,
-    fingerprint_extra, after_step, desc, sharded,
+    fingerprint_extra, after_step, desc, sharded, micro_layout,
 ) -> list[dict]:  # fmt: skip
     n_proc, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     fp = run_fingerprint(
@@ -178,6 +180,8 @@ def _train(
             "n_train": len(train_examples),
             "data": examples_digest(train_examples),
             "weights": weights_digest(model),
+            # the micro-batches a step is cut into (they set the dropout streams)
+            "layout": list(micro_layout),
             **(fingerprint_extra or {}),
         },
     )
@@ -225,7 +229,7 @@ def _train(
     )  # fmt: skip
     t0 = time.time()
     while step < cfg.max_steps:
-        micro = batch_indices(len(train_examples), step, cfg.micro_batch, cfg.grad_accum, cfg.seed)
+        micro = batch_indices(len(train_examples), step, *micro_layout, cfg.seed)
         n_tokens = sum(
             sum(1 for v in train_examples[i]["labels"][1:] if v != -100)
             for idx in micro
@@ -259,7 +263,9 @@ def _train(
         tokens_per_step = tok_sum
         rec = {"step": step, "loss": loss_sum / max(tok_sum, 1), "lr": sched.get_last_lr()[0]}
         if val_examples and (step % eval_every == 0 or step == cfg.max_steps):
-            rec["val_loss"] = _val_loss(acc, wrapped, val_examples, cfg.micro_batch, pad_id, sharded)
+            rec["val_loss"] = _val_loss(
+                acc, wrapped, val_examples, cfg.micro_batch, pad_id, sharded
+            )
         history.append(rec)
         bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "step"})
         bar.update(1)

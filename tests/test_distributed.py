@@ -41,12 +41,33 @@ from loram.trainloop import batch_indices, rank_share, run_fingerprint
 # ------------------------------------------------------------------ settings and the split
 
 
-def test_grad_accum_must_be_a_multiple_of_processes():
+def test_the_processes_must_split_the_global_batch_evenly():
     with pytest.raises(LoramError) as err:
-        dist.check_split("train", TrainParams(processes=2, grad_accum=3))
-    assert str(err.value).startswith("train.grad_accum (3) must be a multiple of train.processes")
+        dist.check_split("train", TrainParams(processes=2, micro_batch=3, grad_accum=3))
+    assert str(err.value).startswith(
+        "train.processes (2) must divide train.grad_accum (3) or train.micro_batch (3)"
+    )
     dist.check_split("align", AlignParams(processes=2, grad_accum=4))  # fine
     dist.check_split("train", TrainParams(processes=1, grad_accum=3))  # fine
+
+
+@pytest.mark.parametrize(
+    ("n", "micro", "accum", "expected"),
+    [
+        (1, 4, 1, (4, 1)),
+        (2, 1, 2, (1, 2)),
+        (2, 4, 1, (2, 2)),
+        (4, 4, 3, (1, 12)),
+        (3, 2, 6, (2, 6)),
+    ],
+)
+def test_layout_keeps_the_global_batch_and_its_order(n, micro, accum, expected):
+    p = TrainParams(processes=n, micro_batch=micro, grad_accum=accum)
+    m, a = dist.layout("train", p)
+    assert (m, a) == expected and a % n == 0
+    flat = [i for idx in batch_indices(n=7, step=3, micro=micro, accum=accum, seed=2) for i in idx]
+    same = [i for idx in batch_indices(n=7, step=3, micro=m, accum=a, seed=2) for i in idx]
+    assert flat == same  # the same examples, in the same order, whatever the cut
 
 
 def test_fsdp_is_refused_on_the_cpu_and_on_one_process(monkeypatch):

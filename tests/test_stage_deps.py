@@ -106,7 +106,7 @@ LAYERS = [
     ("loram", "loram.errors", "loram.fsio", "loram.benchmarks", "loram.tiny"),
     ("loram.config",),
     ("loram.models", "loram.data", "loram.loss", "loram.quant", "loram.prune"),
-    ("loram.trainloop",),
+    ("loram.trainloop", "loram.distributed"),
     ("loram.train", "loram.recover", "loram.merge", "loram.evaluate", "loram.memory"),
     ("loram.pipeline", "loram.report", "loram.profiles"),
     ("loram.cli",),

@@ -38,6 +38,7 @@ def run(
     from loram.data import read_jsonl
     from loram.fsio import atomic_dir
     from loram.models import load_tokenizer
+    from loram.pipeline.common import setup_logging
     from loram.prune.artifact import load_pruned_with_masks, read_manifest, save_pruned
     from loram.train import align_model, write_loss_csv
 
@@ -55,7 +56,8 @@ def run(
         # This stage again, in p.processes data-parallel workers (rank 0 writes the outputs).
         dist.check_split("align", p)
         opts = dict(pruned=pruned, data=data, out=out, checkpoints=checkpoints)
-        dist.launch("align", p.processes, run, p, **opts, metrics=metrics, plots=plots, name=name)
+        opts.update(metrics=metrics, plots=plots, name=name)
+        dist.launch("align", p.processes, run, (p,), opts, init=setup_logging)
         return read_json(metrics)
     # In the pruned artifact's dtype, and saved back in it: align_model trains on fp32 master
     # weights for a bf16 / fp16 model and rounds once at the end (loram.train.fp32_master_weights).

@@ -53,6 +53,7 @@ def run(
     from loram.data import read_jsonl
     from loram.fsio import atomic_dir, dumps
     from loram.models import count_params, load_tokenizer
+    from loram.pipeline.common import setup_logging
     from loram.train import train_lora, write_loss_csv
 
     check_outputs("train", out, [model, data], metrics=metrics, plots=plots)
@@ -63,7 +64,8 @@ def run(
         # This stage again, in p.processes data-parallel workers (rank 0 writes the outputs).
         dist.check_split("train", p)
         opts = dict(model=model, data=data, out=out, arm=arm, checkpoints=checkpoints)
-        dist.launch("train", p.processes, run, p, **opts, metrics=metrics, plots=plots, name=name)
+        opts.update(metrics=metrics, plots=plots, name=name)
+        dist.launch("train", p.processes, run, (p,), opts, init=setup_logging)
         return read_json(metrics)
     trained_on: dict = {"model_dir": str(model)}
     if (Path(model) / "loram_manifest.json").exists():

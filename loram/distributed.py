@@ -177,6 +177,13 @@ def _worker(
             td.destroy_process_group()
 
 
+_USER_ERRORS = frozenset(
+    {"LoramError", "ArtifactError", "ParamsError", "ValueError", "FileNotFoundError",
+     "NotADirectoryError", "PermissionError", "OSError"}
+)  # fmt: skip
+"""Exceptions the CLI reports as one line (loram.pipeline.entry.guarded): passed on as they are."""
+
+
 def launch(
     what: str, n: int, fn: Callable, args: tuple, kwargs: dict, init: Callable | None = None
 ) -> None:
@@ -208,11 +215,13 @@ def launch(
         reported = []
         while not errors.empty():
             reported.append(errors.get())
-        if reported:
-            index, kind, msg = min(reported)
-            if kind in ("LoramError", "ArtifactError", "ParamsError"):
+        if reported:  # the first failure is the cause (the others may follow from it)
+            index, kind, msg = reported[0]
+            if kind in _USER_ERRORS:  # as a 1-process run would word it
                 raise LoramError(msg) from None
-            raise LoramError(f"process {index} of {n} failed: {kind}: {msg}") from None
+            raise LoramError(
+                f"process {index} of {n} failed: {kind}: {msg} (LORAM_DEBUG=1 shows the traceback)"
+            ) from None
         how = (
             f"was killed by {signal.Signals(-exc.exit_code).name}"
             if exc.exit_code is not None and exc.exit_code < 0

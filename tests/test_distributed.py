@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from distworker import hold_or_fail
 from tinyproject import SOURCES, write_sources
 from tolerance import forward_rtol
 
@@ -103,6 +104,27 @@ def test_precision_auto_is_fp32_on_the_cpu(monkeypatch):
     assert dist.resolve_precision("auto") == "no"
     assert dist.resolve_precision("fp32") == "no"
     assert dist.resolve_precision("bf16") == "bf16"
+
+
+# ------------------------------------------------------------------ the launcher
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("raise", "^bad thing on rank 1$"),
+        ("kill", "^process 1 of 2 was killed by SIGKILL; the others were stopped; re-run"),
+    ],
+)
+def test_a_failing_worker_ends_the_launch_at_once(how, message):
+    t0 = time.time()
+    with pytest.raises(LoramError, match=message):
+        dist.launch("test", 2, hold_or_fail, (how,), {})
+    assert time.time() - t0 < 300  # rank 0 was stopped, not waited for (it sleeps 600 s)
+
+
+def test_launch_returns_when_every_worker_is_done():
+    assert dist.launch("test", 2, hold_or_fail, ("ok",), {}) is None
 
 
 # ------------------------------------------------------------------ FSDP without a device

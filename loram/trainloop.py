@@ -110,8 +110,10 @@ def rank_share(micro: list[list[int]], rank: int, n: int) -> list[tuple[int, lis
 
 def micro_seed(seed: int, step: int, j: int) -> int:
     """Seed of the dropout stream of micro-batch ``j`` of step ``step``: a function of the
-    micro-batch, not of the process that runs it, so N processes draw the same masks as one."""
-    return (seed * 1_000_003 + step) * 1_009 + j
+    micro-batch, not of the process that runs it, so N processes draw the same masks as one.
+    Micro-batch 0 keeps the per-step seed of earlier versions (runs with ``grad_accum: 1`` are
+    unchanged); ``j`` is added above bit 32, so no two (step, j) share a seed."""
+    return seed * 1_000_003 + step + (j << 32)
 
 
 def train_loop(
@@ -193,6 +195,7 @@ def _train(
     acc.wait_for_everyone()
     if not main:
         resumed = _read_checkpoint(ckpt_dir, fp, named)
+    acc.wait_for_everyone()  # read by all before rank 0 may remove it (finished, a new save)
     step, history, optim_state = resumed if resumed else (0, [], None)
     if step >= cfg.max_steps:
         if main:

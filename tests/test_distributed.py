@@ -374,3 +374,11 @@ def test_killing_a_worker_fails_cleanly_and_a_rerun_resumes(project):
     assert again.returncode == 0, log
     assert f"at step {step}" in log and "resuming" in log, log
     _assert_same_run(project, "kill_ref", "kill", steps)
+
+
+def test_each_micro_batch_has_its_own_dropout_seed():
+    from loram.trainloop import micro_seed
+
+    seeds = {micro_seed(3, step, j) for step in range(200) for j in range(64)}
+    assert len(seeds) == 200 * 64
+    assert micro_seed(3, 17, 0) == 3 * 1_000_003 + 17  # grad_accum 1: the per-step seed as before

@@ -20,6 +20,7 @@ relative per step that the issue asks for (checked as such).
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -382,3 +383,39 @@ def test_each_micro_batch_has_its_own_dropout_seed():
     seeds = {micro_seed(3, step, j) for step in range(200) for j in range(64)}
     assert len(seeds) == 200 * 64
     assert micro_seed(3, 17, 0) == 3 * 1_000_003 + 17  # grad_accum 1: the per-step seed as before
+
+
+def test_bf16_precision_autocasts_and_keeps_fp32_weights(tmp_path, caplog):
+    """precision: bf16 runs the forward under accelerate's bf16 autocast (another loss than
+    fp32) with fp32 LoRA weights; one process may run loops of both precisions in turn
+    (accelerate's state is released after each)."""
+    import logging
+
+    from peft import get_peft_model
+
+    from loram.tiny import tiny_llama
+    from loram.train import lora_config
+    from loram.trainloop import train_loop
+
+    g = torch.Generator().manual_seed(0)
+    ex = []
+    for _ in range(8):
+        ids = torch.randint(0, 128, (10,), generator=g).tolist()
+        ex.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    losses = {}
+    for precision in ("fp32", "bf16", "fp32"):
+        m = tiny_llama()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        model = get_peft_model(m, lora_config(TrainParams(r=4, dropout=0.0)))
+        cfg = TrainParams(max_steps=2, micro_batch=2, warmup_steps=0, precision=precision)
+        with caplog.at_level(logging.INFO, logger="loram.trainloop"):
+            hist = train_loop(model, ex, [], cfg, tmp_path / precision, pad_id=0)
+        want = "mixed precision bf16" if precision == "bf16" else "mixed precision no"
+        assert want in caplog.text
+        caplog.clear()
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        losses.setdefault(precision, []).append(hist[0]["loss"])
+    assert losses["fp32"][0] == losses["fp32"][1]  # deterministic, state released in between
+    assert losses["bf16"][0] != losses["fp32"][0]
+    assert math.isfinite(losses["bf16"][0])

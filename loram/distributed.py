@@ -58,11 +58,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+FSDP_ON_CPU = "LORAM_TEST_FSDP_ON_CPU"
+"""Test-only: with ``1``, ``sharding: fsdp`` runs on CPU processes (see :func:`accelerator`)."""
+
+
 def check_split(section: str, p) -> None:
     """One-line error, before any heavy work, for settings the engine cannot honour."""
     n = p.processes
     if p.sharding == "fsdp":
-        if _device_kind() == "cpu":
+        if _device_kind() == "cpu" and os.environ.get(FSDP_ON_CPU) != "1":
             raise LoramError(
                 f"{section}.sharding: fsdp needs GPUs (accelerate runs FSDP on accelerators, not "
                 f"on CPU processes); use {section}.sharding: none on the CPU"
@@ -299,7 +303,16 @@ def accelerator(p, model=None):
     mp = resolve_precision(p.precision)
     plugin = fsdp_plugin(model) if p.sharding == "fsdp" else None
     cpu = _device_kind() == "cpu"
-    return Accelerator(cpu=cpu, mixed_precision=mp, fsdp_plugin=plugin)
+    acc = Accelerator(cpu=cpu, mixed_precision=mp, fsdp_plugin=plugin)
+    if plugin is not None and cpu and os.environ.get(FSDP_ON_CPU) == "1":
+        # Test hook: accelerate runs FSDP on accelerators only, torch's FSDP2 also on gloo/CPU;
+        # this lets the tests run the same FSDP code path (accelerate's fsdp2 preparation, the
+        # gathered checkpoints) on CPU processes. Not for real runs.
+        from accelerate.utils import DistributedType
+
+        acc.state.distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+    return acc
 
 
 def release() -> None:

@@ -298,7 +298,8 @@ def _engine_line(acc, wrapped) -> str:
     params = list(wrapped.parameters())
     shard = sum(isinstance(p, DTensor) for p in params)
     return (
-        f"accelerate {acc.distributed_type.value} on {acc.num_processes} process(es), device "
+        f"accelerate {'FSDP2' if shard else acc.distributed_type.value} on "
+        f"{acc.num_processes} process(es), device "
         f"{acc.device.type}, mixed precision {acc.mixed_precision}, {shard} of {len(params)} "
         "parameter tensors sharded"
     )
@@ -356,10 +357,16 @@ def _full_state(wrapped, opt, names: set[str], sharded: bool) -> tuple[dict, dic
     return {n: t for n, t in msd.items() if n in names}, osd
 
 
-def _gather_into(acc, wrapped, model) -> None:  # pragma: no cover - FSDP needs several devices
-    """After FSDP training: every rank leaves with the full trained tensors in ``model``'s
-    parameters (the stage then saves them on rank 0 as after a 1-process run)."""
+def _gather_into(acc, wrapped, model) -> None:
+    """After FSDP training: every rank leaves with a plain ``model`` holding the full trained
+    tensors (the stage then evaluates and saves it as after a 1-process run).
+
+    FSDP2 has no public inverse of ``fully_shard``: the full state dict is gathered (a
+    collective), each sharded parameter replaced by a plain one, and each sharded module's
+    forward hooks removed and its class restored (``fully_shard`` made it ``FSDP<class>``).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
 
     full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
     for name, module in list(model.named_modules()):
@@ -371,6 +378,14 @@ def _gather_into(acc, wrapped, model) -> None:  # pragma: no cover - FSDP needs 
                 module._parameters[pname] = torch.nn.Parameter(
                     full[key].detach().clone(), requires_grad=p.requires_grad
                 )
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            for handle in {state._pre_forward_hook_handle, state._post_forward_hook_handle}:
+                handle.remove()
+            module.__class__ = next(
+                c for c in type(module).__mro__[1:] if not issubclass(c, FSDPModule)
+            )
     acc.wait_for_everyone()
 
 

@@ -33,7 +33,7 @@ import torch
 import yaml
 from distworker import hold_or_fail
 from tinyproject import SOURCES, write_sources
-from tolerance import forward_rtol
+from tolerance import eps, forward_rtol
 
 from loram import distributed as dist
 from loram.config import AlignParams, TrainParams
@@ -212,8 +212,8 @@ def _params(root: Path, name: str, **train) -> str:
     return name
 
 
-def _cli(argv: list[str], cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+def _cli(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "loram.cli", *argv],
         cwd=cwd,
@@ -274,25 +274,38 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(project):
-    """``train.processes: 2`` (gloo, same global batch): the 1-process loss curve and adapter."""
-    run = _cli(_train_argv("two", _params(project, "two.yaml", processes=2)), project)
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_two_processes_train_like_one(project, sharding):
+    """``train.processes: 2`` (gloo, same global batch): the 1-process loss curve and adapter.
+    ``fsdp`` runs accelerate's FSDP2 preparation on CPU processes through the test hook
+    (accelerate itself enables FSDP on accelerators only): sharded parameters, gathered
+    checkpoints and the gathered adapter."""
+    tag = f"two_{sharding}"
+    env = {dist.FSDP_ON_CPU: "1"} if sharding == "fsdp" else {}
+    params = _params(project, f"{tag}.yaml", processes=2, sharding=sharding)
+    run = _cli(_train_argv(tag, params), project, env)
     log, _ = run.communicate(timeout=900)
     assert run.returncode == 0, log
-    assert "accelerate MULTI_CPU on 2 process(es)" in log, log
-    _assert_same_run(project, "one", "two", PARAMS["train"]["max_steps"])
-    assert not (project / "ckpt/two/last").exists()  # keep_checkpoint: false, as with 1
+    if sharding == "fsdp":
+        assert "accelerate FSDP2 on 2 process(es)" in log and " 0 of " not in log, log
+    else:
+        assert "accelerate MULTI_CPU on 2 process(es)" in log and " 0 of " in log, log
+    _assert_same_run(project, "one", tag, PARAMS["train"]["max_steps"])
+    assert not (project / f"ckpt/{tag}/last").exists()  # keep_checkpoint: false, as with 1
 
 
 @pytest.mark.slow
-def test_two_processes_align_like_one(project):
-    """``align.processes: 2``: the same loss curve as 1 process (alignment trains all weights)."""
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_two_processes_align_like_one(project, sharding):
+    """``align.processes: 2``: the same loss curve as 1 process (alignment trains all weights)
+    and the same aligned weights (within the derived tolerance)."""
     from loram.cli import main
 
     p = yaml.safe_load(yaml.safe_dump(PARAMS))
     (project / "a1.yaml").write_text(yaml.safe_dump(p))
-    p["align"]["processes"] = 2
+    p["align"].update(processes=2, sharding=sharding)
     (project / "a2.yaml").write_text(yaml.safe_dump(p))
+    env = {dist.FSDP_ON_CPU: "1"} if sharding == "fsdp" else {}
 
     def argv(tag, params):
         return ["align", "--pruned", "artifacts/pruned", "--data", "artifacts/data", "--out",
@@ -305,14 +318,29 @@ def test_two_processes_align_like_one(project):
         assert main(argv("al1", "a1.yaml")) == 0
     finally:
         os.chdir(cwd)
-    run = _cli(argv("al2", "a2.yaml"), project)
+    run = _cli(argv("al2", "a2.yaml"), project, env)
     log, _ = run.communicate(timeout=900)
     assert run.returncode == 0, log
     a, b = _curve(project / "plots/al1.csv"), _curve(project / "plots/al2.csv")
-    assert len(a) == len(b) == PARAMS["align"]["max_steps"]
+    steps = PARAMS["align"]["max_steps"]
+    assert len(a) == len(b) == steps
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-4 * abs(x), (a, b)
     assert (project / "artifacts/al2/loram_manifest.json").exists()
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    rho = forward_rtol(AutoConfig.from_pretrained(project / "artifacts/pruned"), paths=2)
+    w1, w2 = ({k: v for f in sorted((project / f"artifacts/{t}").glob("*.safetensors"))
+               for k, v in load_file(str(f)).items()} for t in ("al1", "al2"))  # fmt: skip
+    assert w1.keys() == w2.keys()
+    before = {k: v for f in sorted((project / "artifacts/pruned").glob("*.safetensors"))
+              for k, v in load_file(str(f)).items()}  # fmt: skip
+    for k in w1:  # the update's relative error rho per step, plus one rounding of the weight
+        moved = (w1[k].double() - before[k].double()).abs().max().item()
+        err = (w1[k].double() - w2[k].double()).abs().max().item()
+        tol = steps * rho * moved + eps(w1[k].dtype) * w1[k].abs().max().item()
+        assert err <= tol, (k, err, tol)
 
 
 def _workers(pid: int) -> list[int]:

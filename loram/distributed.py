@@ -215,26 +215,8 @@ def launch(
         while not procs.join():
             pass
     except mp.ProcessExitedException as exc:
-        # join() has already stopped the other workers.
-        reported = []
-        while not errors.empty():
-            reported.append(errors.get())
-        if reported:  # the first failure is the cause (the others may follow from it)
-            index, kind, msg = reported[0]
-            if kind in _USER_ERRORS:  # as a 1-process run would word it
-                raise LoramError(msg) from None
-            raise LoramError(
-                f"process {index} of {n} failed: {kind}: {msg} (LORAM_DEBUG=1 shows the traceback)"
-            ) from None
-        how = (
-            f"was killed by {signal.Signals(-exc.exit_code).name}"
-            if exc.exit_code is not None and exc.exit_code < 0
-            else f"exited with status {exc.exit_code}"
-        )
-        raise LoramError(
-            f"process {exc.error_index} of {n} {how}; the others were stopped; re-run to resume "
-            "from the last checkpoint"
-        ) from None
+        # join() has stopped the other workers (SIGTERM) and waited for them.
+        _raise_cause(exc, [p.exitcode for p in procs.processes], errors, n)
     except mp.ProcessRaisedException as exc:  # pragma: no cover - _worker catches everything
         raise LoramError(f"a process failed: {str(exc).strip().splitlines()[-1]}") from None
     except KeyboardInterrupt:
@@ -242,6 +224,43 @@ def launch(
             if p.is_alive():
                 p.terminate()
         raise
+
+
+def _raise_cause(exc, exitcodes: list, errors, n: int) -> None:
+    """One :class:`LoramError` naming the cause of a failed launch.
+
+    A worker killed by a signal (other than the SIGTERM that stops the rest) is the cause even
+    when another worker noticed first (its collective broke and it reported that); otherwise the
+    first reported error, a user error before any other (worded as a 1-process run would)."""
+    killed = [(exc.error_index, exc.exit_code)] if (exc.exit_code or 0) < 0 else []
+    killed += [
+        (i, c) for i, c in enumerate(exitcodes) if c is not None and c < 0 and c != -signal.SIGTERM
+    ]
+    if killed:
+        index, code = killed[0]
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        raise LoramError(
+            f"process {index} of {n} was killed by {name}; the others were stopped; re-run to "
+            "resume from the last checkpoint"
+        ) from None
+    reported = []
+    while not errors.empty():
+        reported.append(errors.get())
+    user = [r for r in reported if r[1] in _USER_ERRORS]
+    if user:
+        raise LoramError(user[0][2]) from None
+    if reported:
+        index, kind, msg = reported[0]
+        raise LoramError(
+            f"process {index} of {n} failed: {kind}: {msg} (LORAM_DEBUG=1 shows the traceback)"
+        ) from None
+    raise LoramError(
+        f"process {exc.error_index} of {n} exited with status {exc.exit_code}; the others were "
+        "stopped; re-run to resume from the last checkpoint"
+    ) from None
 
 
 # ------------------------------------------------------------------ the accelerator

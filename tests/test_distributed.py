@@ -128,6 +128,38 @@ def test_launch_returns_when_every_worker_is_done():
     assert dist.launch("test", 2, hold_or_fail, ("ok",), {}) is None
 
 
+class _Queue:
+    def __init__(self, items):
+        self.items = list(items)
+
+    def empty(self):
+        return not self.items
+
+    def get(self):
+        return self.items.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("seen", "codes", "reports", "message"),
+    [
+        # rank 1 killed; rank 0's collective broke, it reported that and was noticed first
+        (0, [2, -9], [(0, "RuntimeError", "Connection closed by peer")], "^process 1 of 2 was killed by SIGKILL"),
+        (1, [-15, -9], [], "^process 1 of 2 was killed by SIGKILL"),
+        # a user error on one rank, the other stopped by the launcher's SIGTERM
+        (1, [-15, 2], [(1, "ValueError", "no training examples")], "^no training examples$"),
+        (0, [2, -15], [(0, "RuntimeError", "boom"), (1, "LoramError", "bad row")], "^bad row$"),
+        (0, [2, -15], [(0, "RuntimeError", "boom")], r"^process 0 of 2 failed: RuntimeError: boom \(LORAM_DEBUG"),
+        (0, [3, -15], [], "^process 0 of 2 exited with status 3"),
+    ],
+)  # fmt: skip
+def test_the_cause_of_a_failed_launch_is_named(seen, codes, reports, message):
+    import torch.multiprocessing as mp
+
+    exc = mp.ProcessExitedException("x", error_index=seen, error_pid=1, exit_code=codes[seen])
+    with pytest.raises(LoramError, match=message):
+        dist._raise_cause(exc, codes, _Queue(reports), 2)
+
+
 # ------------------------------------------------------------------ FSDP without a device
 
 

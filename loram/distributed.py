@@ -131,7 +131,15 @@ def _die_with_parent() -> None:
 
 
 def _worker(
-    index: int, n: int, port: int, errors, init, fn: Callable, args: tuple, kwargs: dict
+    index: int,
+    parent: int,
+    n: int,
+    port: int,
+    errors,
+    init,
+    fn: Callable,
+    args: tuple,
+    kwargs: dict,
 ) -> None:
     """Body of worker ``index``: the distributed environment, then ``fn(*args, **kwargs)``.
 
@@ -139,6 +147,8 @@ def _worker(
     unless ``LORAM_DEBUG``) and the worker exits with status 2.
     """
     _die_with_parent()
+    if os.getppid() != parent:  # the stage died before the line above: do not run on alone
+        os._exit(1)
     os.environ.update(
         {
             _WORKER_ENV: "1",
@@ -206,7 +216,7 @@ def launch(
     log.info("%s: starting %d processes (data-parallel, rendezvous 127.0.0.1:%d)", what, n, port)
     procs = mp.start_processes(
         _worker,
-        args=(n, port, errors, init, fn, args, kwargs),
+        args=(os.getpid(), n, port, errors, init, fn, args, kwargs),
         nprocs=n,
         join=False,
         start_method="spawn",

@@ -479,3 +479,26 @@ def test_bf16_precision_autocasts_and_keeps_fp32_weights(tmp_path, caplog):
     assert losses["fp32"][0] == losses["fp32"][1]  # deterministic, state released in between
     assert losses["bf16"][0] != losses["fp32"][0]
     assert math.isfinite(losses["bf16"][0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_workers_die_with_the_stage(project):
+    """SIGKILL of the stage's own process (e.g. dvc killed): its workers end too (no orphan
+    keeps training or writes outputs)."""
+    params = _params(project, "orphan.yaml", processes=2, max_steps=400, save_every=400,
+                     eval_every=400)  # fmt: skip
+    run = _cli(_train_argv("orphan", params), project)
+    deadline = time.time() + 600
+    workers = []
+    while len(workers) < 2 and run.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+        workers = _workers(run.pid)
+    assert len(workers) == 2, workers
+    run.kill()
+    run.communicate(timeout=600)  # the workers share its stdout: EOF once they are gone too
+    deadline = time.time() + 60
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "a worker outlived the stage"
+    assert not (project / "artifacts/orphan").exists()

@@ -321,24 +321,35 @@ def activations(
     return per_layer, rest, rg or s.lm_head
 
 
-def loss_bytes(s: Setting, vocab: int) -> int:
+def loss_bytes(s: Setting, vocab: int, hidden: int) -> int:
     """Logits and the loss's copies at their peak.
 
-    Stock loss (``loram.loss.batch_loss``): the logits (compute dtype) + their shifted fp32 copy
-    + ``log_softmax`` kept for backward, then in the backward pass three fp32 copies (NLL's
-    gradient, the kept ``log_softmax``, its input gradient). A chunked loss holds this for one
-    chunk of ``loss_chunk`` tokens (recomputed in the backward pass).
+    Stock loss (``loram.loss``, ``loss_chunk`` 0): the logits (compute dtype) + their shifted
+    fp32 copy + ``log_softmax`` kept for backward; in the backward pass three fp32 copies (NLL's
+    gradient, the kept ``log_softmax``, its input gradient). The larger of the two.
+    Chunked loss (``loss_chunk`` N): the scored positions' hidden states are gathered into one
+    tensor (kept for the checkpointed chunks), and one chunk of N tokens at a time holds the same
+    copies as the stock loss (its backward recomputes the chunk): 3 fp32 copies of N x vocab.
     """
     e = COMPUTE[s.precision]
     b, seq = s.micro_batch, s.seq_len
+    shifted = b * (seq - 1)
     if s.loss_chunk:
-        tokens = min(s.loss_chunk, b * seq)
-        return max(e * tokens * vocab + 8 * tokens * vocab, 12 * tokens * vocab)
-    shifted = b * (seq - 1) * vocab
-    copy = shifted * 4 if (e != 4 or b > 1) else 0  # fp32 cast, or reshape of a strided slice
-    forward = e * b * seq * vocab + copy + 4 * shifted
-    backward = 12 * shifted
+        tokens = min(s.loss_chunk, shifted)
+        return e * shifted * hidden + max((e + 8) * tokens * vocab, 12 * tokens * vocab)
+    copy = shifted * vocab * 4 if (e != 4 or b > 1) else 0  # fp32 cast / strided-slice reshape
+    forward = e * b * seq * vocab + copy + 4 * shifted * vocab
+    backward = 12 * shifted * vocab
     return max(forward, backward)
+
+
+def backward_working_set(d: LayerDims, s: Setting) -> int:
+    """Bytes per token of the gradients in flight while a layer's MLP runs its backward pass
+    (the widest part of a layer): the gradient of the layer output (compute dtype), the gradient
+    reaching the down projection's LoRA input and its cast (LoRA dtype), and the gradients of
+    the gate and up outputs (compute dtype)."""
+    e = COMPUTE[s.precision]
+    return e * d.hidden + s.lora_bytes * d.mlp + 2 * e * d.mlp
 
 
 # ----------------------------------------------------------------------------- the planner
@@ -386,7 +397,7 @@ def plan(config: Any, setting: Setting, name: str | None = None) -> Plan:
     grads = LORA_BYTES * n_lora
     optimizer = 2 * LORA_BYTES * n_lora  # AdamW exp_avg, exp_avg_sq
     overhead = int(CPU_OVERHEAD_MIB * MIB) if s.device == "cpu" else 0
-    logits = loss_bytes(s, cfg.vocab_size)
+    logits = loss_bytes(s, cfg.vocab_size, cfg.hidden_size)
     rest_bytes = sum(rest.values())
 
     detail = {k: T * sum(x[k] for x in per_layer) for k in ("norms", "attention", "mlp", "lora_inputs")}
@@ -399,8 +410,11 @@ def plan(config: Any, setting: Setting, name: str | None = None) -> Plan:
         peak_dyn = acts + logits
     else:
         # checkpoints: every layer's input (compute dtype); the backward recomputes one layer
+        # and runs its backward pass (the gradients in flight)
         inputs = len(dims) * T * e * dims[0].hidden
-        biggest = max(T * sum(x.values()) for x in per_layer)
+        biggest = max(
+            T * (sum(x.values()) + backward_working_set(d, s)) for x, d in zip(per_layer, dims)
+        )
         loss_phase = inputs + rest_bytes + logits
         recompute = inputs + biggest
         detail = {"checkpoints": inputs, "one_layer": biggest, **rest}
@@ -408,7 +422,6 @@ def plan(config: Any, setting: Setting, name: str | None = None) -> Plan:
             acts, phase, peak_dyn = inputs + rest_bytes, "loss", loss_phase
         else:
             acts, phase, peak_dyn = recompute, "recompute", recompute
-            logits = 0
     quant_transient = 0
     if s.nf4:
         # a 4-bit projection is dequantised to the compute dtype for its matmul

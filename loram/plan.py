@@ -563,18 +563,19 @@ def resolve_model(spec: str):
         from loram import tiny
 
         return {"tiny-llama": tiny.tiny_llama, "tiny-qwen2": tiny.tiny_qwen2}[text]().config
-    if text in EMBEDDED:
-        from loram.models import resolve_source
-
-        from transformers import AutoConfig
-
-        src = resolve_source(text)
-        return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
     try:
         return load_config(text)
     except ValueError:
-        if text.count("/") != 1 or text.startswith((".", "/", "~")):
-            raise
+        pass
+    if text in EMBEDDED:
+        from transformers import AutoConfig
+
+        from loram.models import resolve_source
+
+        src = resolve_source(text)
+        return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return load_config(text)  # raises the accountant's error (lists the shipped configs)
     from transformers import AutoConfig
 
     try:
@@ -582,7 +583,8 @@ def resolve_model(spec: str):
     except OSError as exc:
         raise ValueError(
             f"model {text!r}: not a shipped config ({', '.join(available_configs())}), a local "
-            f"directory or config.json, and the hub has no config for it here ({exc.__class__.__name__})"
+            f"directory or config.json, and no config for this hub id is available here "
+            f"({exc.__class__.__name__})"
         ) from None
 
 

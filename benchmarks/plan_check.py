@@ -62,7 +62,7 @@ def compare(result: dict, work: Path) -> list[dict]:
     rows = []
     ratio = float(result.get("ratio", 0.65))
     for label, row in result["arms"].items():
-        arm = label.split("@")[0].removesuffix("_stock")
+        arm = row.get("arm") or next((a for a in ARM_METHOD if label.startswith(a)), None)
         if arm not in ARM_METHOD:
             continue
         p = predict(arm, row, work, ratio)

@@ -167,7 +167,10 @@ class Plan:
     logits: int  # logits and loss copies at the peak
     overhead: int
     peak: int
-    peak_phase: str  # "loss" (end of forward / start of backward) or "recompute" (checkpointing)
+    # "loss" (end of forward / start of backward), "recompute" (checkpointing: a layer's
+    # backward), "load" (QLoRAM on CPU: the dense model before quantisation); the parts above
+    # sum to the peak except in the "load" phase
+    peak_phase: str
     detail: dict[str, int] = field(default_factory=dict)  # activations by kind, whole model
 
     @property
@@ -433,6 +436,20 @@ def plan(config: Any, setting: Setting, name: str | None = None) -> Plan:
         )
         detail["dequantised_weight"] = quant_transient
     peak = weights + lora + grads + optimizer + overhead + peak_dyn + quant_transient
+    load = 0
+    if s.nf4 and s.device == "cpu":
+        # loram quantises on the CPU after loading: the dense (pruned) model in its dtype plus
+        # one projection's fp32 copy (quantize_nf4 upcasts it) exist before training starts
+        biggest = max(
+            lin.in_features * lin.out_features
+            for layer in decoder_layers(model)
+            for lin in [getattr(layer.self_attn, p) for p in ATTN_PROJ]
+            + [getattr(layer.mlp, p) for p in MLP_PROJ]
+        )
+        load = BYTES[s.precision] * params + 4 * biggest + overhead
+        detail["load_peak"] = load
+        if load > peak:
+            peak, phase = load, "load"
     return Plan(
         model=label,
         setting=s,

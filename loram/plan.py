@@ -69,10 +69,12 @@ DEVICES = ("cuda", "cpu")
 COMPUTE = {"bf16": 2, "fp16": 2, "fp32": 4}
 LORA_BYTES = 4  # adapters, their inputs and gradients: fp32 (peft autocast_adapter_dtype)
 
-# Runtime memory on CPU that no tensor accounts for: what peak RSS above the pre-load RSS shows
-# for a model whose tensors are negligible (calibrated with benchmarks/plan_check.py
-# --calibrate: the tiny model, micro-batch 1 x 32 tokens; see the README).
-CPU_OVERHEAD_MIB = 0.0
+# Runtime memory on CPU that no tensor accounts for (thread pools, kernel scratch, allocator
+# metadata): calibrated as the peak RSS above the pre-load RSS of benchmarks/train_cost.py's
+# arms on the tiny model, where every tensor together is under 10 MiB: 43-58 MiB for LoRA and
+# LoRAM, 70-76 MiB for QLoRAM (bitsandbytes' CPU path), micro-batch 4 x 32/64 tokens.
+CPU_OVERHEAD_MIB = 55.0
+CPU_NF4_OVERHEAD_MIB = 20.0  # the QLoRAM arms' extra runtime in the same runs
 
 
 @dataclass(frozen=True)
@@ -399,7 +401,9 @@ def plan(config: Any, setting: Setting, name: str | None = None) -> Plan:
     lora = LORA_BYTES * n_lora
     grads = LORA_BYTES * n_lora
     optimizer = 2 * LORA_BYTES * n_lora  # AdamW exp_avg, exp_avg_sq
-    overhead = int(CPU_OVERHEAD_MIB * MIB) if s.device == "cpu" else 0
+    overhead = 0
+    if s.device == "cpu":
+        overhead = int((CPU_OVERHEAD_MIB + (CPU_NF4_OVERHEAD_MIB if s.nf4 else 0)) * MIB)
     logits = loss_bytes(s, cfg.vocab_size, cfg.hidden_size)
     rest_bytes = sum(rest.values())
 

@@ -283,3 +283,15 @@ def test_cli_errors(capsys):
     assert "not a size" in capsys.readouterr().err
     assert main(["plan", "--model", "llama-2-7b", "--targets", "x_proj"]) == 2
     assert "LoRA targets" in capsys.readouterr().err
+
+
+def test_cpu_overhead_and_qloram_load_phase():
+    cfg = P.load_config("qwen2.5-coder-1.5b")
+    gpu = P.plan(cfg, P.Setting(method="qloram-stru", micro_batch=1, seq_len=64))
+    cpu = P.plan(cfg, P.Setting(method="qloram-stru", micro_batch=1, seq_len=64, device="cpu"))
+    assert gpu.overhead == 0 and gpu.peak_phase == "loss"
+    assert cpu.overhead == int((P.CPU_OVERHEAD_MIB + P.CPU_NF4_OVERHEAD_MIB) * 2**20)
+    # on CPU the dense pruned bf16 model exists before quantize_nf4: more than the NF4 training
+    dense = P.plan(cfg, P.Setting(method="loram-stru", micro_batch=1, seq_len=64))
+    assert cpu.peak_phase == "load" and cpu.peak == cpu.detail["load_peak"]
+    assert cpu.peak > dense.weights > cpu.weights

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -105,14 +104,18 @@ class Setting:
 
     def check(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+            raise ValueError(
+                f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}"
+            )
         if self.precision not in COMPUTE:
             raise ValueError(
                 f"unknown precision {self.precision!r}; expected one of {', '.join(COMPUTE)} "
                 "(nf4 is a method: qlora, qloram-stru, qloram-rand)"
             )
         if self.attention not in ATTENTION:
-            raise ValueError(f"unknown attention {self.attention!r}; expected {' or '.join(ATTENTION)}")
+            raise ValueError(
+                f"unknown attention {self.attention!r}; expected {' or '.join(ATTENTION)}"
+            )
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; expected {' or '.join(DEVICES)}")
         bad = [t for t in self.targets if t not in LINEAR_PROJ]
@@ -225,9 +228,7 @@ def _out_features(lin) -> int:
     return int(lin.out_features)
 
 
-def layer_saved(
-    d: LayerDims, s: Setting, seq: int, rg_in: bool
-) -> tuple[dict[str, int], bool]:
+def layer_saved(d: LayerDims, s: Setting, seq: int, rg_in: bool) -> tuple[dict[str, int], bool]:
     """Bytes per token that autograd keeps for the backward pass of one decoder layer, by kind,
     and whether the layer's output requires grad.
 
@@ -407,7 +408,9 @@ def plan(config: Any, setting: Setting, name: str | None = None) -> Plan:
     logits = loss_bytes(s, cfg.vocab_size, cfg.hidden_size)
     rest_bytes = sum(rest.values())
 
-    detail = {k: T * sum(x[k] for x in per_layer) for k in ("norms", "attention", "mlp", "lora_inputs")}
+    detail = {
+        k: T * sum(x[k] for x in per_layer) for k in ("norms", "attention", "mlp", "lora_inputs")
+    }
     detail["norms"] += rest["norms"]
     detail["lora_inputs"] += rest["lora_inputs"]
     detail["rope"] = rest["rope"]
@@ -652,7 +655,9 @@ def run(args: argparse.Namespace) -> int:
         out = {
             "model": label,
             "budget_bytes": budget,
-            "plans": [dict(p.as_dict(), fits=(p.peak <= budget) if budget else None) for p in plans],
+            "plans": [
+                dict(p.as_dict(), fits=(p.peak <= budget) if budget else None) for p in plans
+            ],
             "smallest_fitting_ratio": {
                 m: (None if v is None else {"ratio": v[0], "peak_mib": round(v[1].peak_mib, 1)})
                 for m, v in suggestions.items()
@@ -673,8 +678,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for m, v in suggestions.items():
         if v is None:
-            print(f"{m}: does not fit at any ratio below 1 (the unpruned layers, embeddings and "
-                  "activations alone exceed the budget)")
+            print(
+                f"{m}: does not fit at any ratio below 1 (the unpruned layers, embeddings and "
+                "activations alone exceed the budget)"
+            )
         else:
             print(f"{m}: smallest ratio that fits: {v[0]:.2f} (peak {v[1].peak_mib:,.0f} MiB)")
     return 0
@@ -703,7 +710,9 @@ def add_parser(subparsers) -> None:
         help=f"{', '.join(METHODS)}; repeatable or comma separated "
         f"(default: {','.join(DEFAULT_METHODS)})",
     )
-    p.add_argument("--ratio", type=float, default=None, help="pruning ratio (default: the method's)")
+    p.add_argument(
+        "--ratio", type=float, default=None, help="pruning ratio (default: the method's)"
+    )
     p.add_argument("--precision", type=str.lower, choices=tuple(COMPUTE), default="bf16",
                    help="dtype of the frozen base and of the activations (QLoRAM: of the non-4-bit "
                    "parts and the compute)")  # fmt: skip

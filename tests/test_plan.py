@@ -74,7 +74,11 @@ CASES = [
     for prec in ("fp32", "bf16")
     for attn in ("sdpa", "eager")
     for dropout in (0.0, 0.05)
-    for targets, lm_head in ((LINEAR_PROJ, False), (("q_proj", "v_proj"), True), (("down_proj",), False))
+    for targets, lm_head in (
+        (LINEAR_PROJ, False),
+        (("q_proj", "v_proj"), True),
+        (("down_proj",), False),
+    )
 ]
 
 
@@ -84,7 +88,9 @@ def test_activations_equal_what_autograd_keeps(arch, prec, attn, dropout, target
     model.config._attn_implementation = attn
     pm = lora_model(model, DTYPES[prec], targets, lm_head, dropout)
     b, s = 2, 16
-    ids = torch.randint(0, model.config.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (b, s), generator=torch.Generator().manual_seed(0)
+    )
     setting = P.Setting(
         precision=prec, r=4, targets=targets, lm_head=lm_head, dropout=dropout,
         micro_batch=b, seq_len=s, attention=attn, device="cpu",
@@ -103,7 +109,9 @@ def test_activations_of_a_really_pruned_model(arch, prec):
     prune_structured(model, 0.5, layers, criterion="random", seed=0)
     model.config._attn_implementation = "sdpa"
     pm = lora_model(model, DTYPES[prec], LINEAR_PROJ, False, 0.05)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)
+    )
     setting = P.Setting(
         method="loram-rand", ratio=0.5, precision=prec, r=4, micro_batch=2, seq_len=12, device="cpu"
     )

@@ -86,6 +86,48 @@ def compare(result: dict, work: Path) -> list[dict]:
     return rows
 
 
+def compare_results(lines: list[str], config: str, ratio: float) -> list[dict]:
+    """Rows of ``RESULT {json}`` lines (one arm each: src, method lora | loram | qloram, dtype,
+    micro_batch, seq_len, loss_chunk, grad_checkpointing, peak_mib) against the planner on
+    ``config`` (the unpruned model's; loram / qloram: random structured pruning at ``ratio``)."""
+    from loram.plan import Setting, plan
+
+    methods = {"lora": "lora", "loram": "loram-rand", "qloram": "qloram-rand"}
+    rows = []
+    for line in lines:
+        if not line.startswith("RESULT "):
+            continue
+        r = json.loads(line[len("RESULT ") :])
+        s = Setting(
+            method=methods[r["method"]],
+            ratio=ratio if r["method"] != "lora" else None,
+            precision=PRECISION[r["dtype"].removeprefix("torch.")],
+            micro_batch=r["micro_batch"],
+            seq_len=r["seq_len"],
+            loss_chunk=r["loss_chunk"],
+            grad_checkpointing=r["grad_checkpointing"],
+            device="cpu",
+        )
+        p = plan(config, s)
+        rows.append(
+            {
+                "arm": f"{Path(r['src']).name}:{s.method}",
+                "micro_batch": r["micro_batch"],
+                "seq_len": r["seq_len"],
+                "loss_chunk": r["loss_chunk"],
+                "grad_checkpointing": r["grad_checkpointing"],
+                "measured_mib": r["peak_mib"],
+                "predicted_mib": round(p.peak_mib, 1),
+                "error": round(p.peak_mib / r["peak_mib"] - 1, 4),
+                "weights_mib": round(p.weights / 2**20, 1),
+                "activations_mib": round(p.activations / 2**20, 1),
+                "logits_mib": round(p.logits / 2**20, 1),
+                "overhead_mib": round(p.overhead / 2**20, 1),
+            }
+        )
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     head = (
         f"{'arm':<22} {'batch':>9} {'chunk':>5} {'ckpt':>4} {'measured':>9} {'predicted':>9} "
@@ -116,12 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--work", required=True, help="the benchmark's work dir (prepared models)")
+    ap.add_argument("--work", default=None, help="the benchmark's work dir (prepared models)")
+    ap.add_argument("--results", default=None, help="a log of RESULT lines (one arm each)")
+    ap.add_argument("--config", default=None, help="--results: the unpruned model's config")
     ap.add_argument("--json", default=None, help="a JSON the benchmark wrote (skip running it)")
     ap.add_argument("--bench", default=str(Path(__file__).with_name("train_cost.py")))
     ap.add_argument("--python", default=sys.executable, help="interpreter for the benchmark")
     ap.add_argument("--out", default=None, help="write the comparison here (JSON)")
     a = ap.parse_args(argv)
+    if a.results:
+        if not a.config:
+            ap.error("--results needs --config (the unpruned model's config name or dir)")
+        lines = Path(a.results).read_text(encoding="utf-8").splitlines()
+        rows = compare_results(lines, a.config, a.ratio)
+        print(table(rows))
+        return 0
+    if not a.work:
+        ap.error("--work is required (the benchmark's work dir)")
     work = Path(a.work)
     if a.json:
         result = json.loads(Path(a.json).read_text(encoding="utf-8"))

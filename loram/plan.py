@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import torch
+
 from loram.memory import (
     BYTES,
     available_configs,
@@ -377,8 +379,15 @@ def _weight_bytes(model, s: Setting) -> tuple[int, int]:
     """(parameters held, bytes) of the frozen base."""
     params = count_params(model)
     if s.nf4:
-        # bitsandbytes quantises the decoder projections; keep a tied lm_head counted once
-        return params, bnb_nf4_bytes(model)
+        # bitsandbytes quantises the decoder projections; the rest (embeddings, norms, biases,
+        # lm_head) stays in the base's dtype, which bnb_nf4_bytes counts at 16 bits
+        quantised = {
+            id(m.weight)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
+        }
+        rest = sum(p.numel() for p in model.parameters() if id(p) not in quantised)
+        return params, bnb_nf4_bytes(model) + (BYTES[s.precision] - 2) * rest
     return params, BYTES[s.precision] * params
 
 

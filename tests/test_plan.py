@@ -303,3 +303,12 @@ def test_cpu_overhead_and_qloram_load_phase():
     dense = P.plan(cfg, P.Setting(method="loram-stru", micro_batch=1, seq_len=64))
     assert cpu.peak_phase == "load" and cpu.peak == cpu.detail["load_peak"]
     assert cpu.peak > dense.weights > cpu.weights
+
+
+def test_nf4_keeps_the_rest_in_the_base_dtype():
+    cfg = tiny_llama().config  # untied: embeddings, lm_head and norms stay unquantised
+    s = P.Setting(method="qloram-stru")
+    fp32 = P.plan(cfg, P.Setting(**{**s.__dict__, "precision": "fp32"}))
+    bf16 = P.plan(cfg, s)
+    rest = 2 * 128 * 64 + 64 * (2 * 6 + 1)  # embed, lm_head, 2 norms a layer + the final norm
+    assert fp32.weights - bf16.weights == 2 * rest

@@ -26,8 +26,11 @@ ORIGINAL = {
 # ----------------------------------------------------------------------------- paper numbers
 
 
-def test_shipped_configs_are_the_five_models():
-    assert memory.available_configs() == sorted(ORIGINAL)
+MEASURED = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m")  # checked by loram plan
+
+
+def test_shipped_configs_are_the_paper_models_and_the_measured_ones():
+    assert memory.available_configs() == sorted([*ORIGINAL, *MEASURED])
 
 
 @pytest.mark.parametrize("name", sorted(ORIGINAL))
@@ -371,3 +374,16 @@ def test_cli_errors(capsys):
         main(["memory", "--config", "llama-2-7b", "--precision", "int3"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_shipped_configs_of_the_measured_models():
+    # as transformers loads the embedded GGUF (tied) and the Qwen GGUFs (output matrix untied)
+    counts = {
+        "smollm2-135m": 134_515_008,
+        "qwen2.5-coder-0.5b": 630_167_424,
+        "qwen2.5-coder-1.5b": 1_777_088_000,
+    }
+    for name, n in counts.items():
+        assert memory.memory_report(name, "none").original_params == n
+    assert memory.load_config("smollm2-135m").tie_word_embeddings is True
+    assert memory.load_config("qwen2.5-coder-1.5b").tie_word_embeddings is False

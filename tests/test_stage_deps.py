@@ -108,7 +108,7 @@ LAYERS = [
     ("loram.models", "loram.data", "loram.loss", "loram.quant", "loram.prune"),
     ("loram.trainloop", "loram.distributed"),
     ("loram.train", "loram.recover", "loram.merge", "loram.evaluate", "loram.memory"),
-    ("loram.pipeline", "loram.report", "loram.profiles"),
+    ("loram.pipeline", "loram.report", "loram.profiles", "loram.plan"),
     ("loram.cli",),
 ]
 

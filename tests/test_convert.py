@@ -263,3 +263,46 @@ def test_embedded_smollm2_streams_bit_identical(tmp_path):
     res = convert.convert_model("smollm2-135m", out, dtype=torch.float32)
     assert res.streamed
     _assert_same(ref, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+def test_installed_qwen_streams_bit_identical(tmp_path, name):
+    """The real Qwen2.5-Coder GGUFs (Q4_K_M / Q6_K, untied output matrix), when installed:
+    streamed conversion == from_pretrained(gguf_file=...) + save_pretrained, in bfloat16.
+    Never downloads (skipped when not installed); the 1.5B needs ~8 GB of RAM."""
+    from loram import install
+
+    if install.installed_path(install.MODELS[name]) is None:
+        pytest.skip(f"{name} is not installed (`loram install {name}`)")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _reference(name, None, torch.bfloat16, ref)
+    res = convert.convert_model(name, out, dtype=torch.bfloat16)
+    assert res.streamed and not json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+    _assert_same(ref, out)
+
+
+@pytest.mark.slow  # two fresh processes that import torch and transformers: ~15-35 s
+def test_base_convert_benchmark_on_a_tiny_gguf(tmp_path):
+    """benchmarks/base_convert.py: both modes in fresh processes, the outputs bit-identical."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "q.gguf"
+    write_gguf(f, "qwen2", tie=False)
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "base_convert.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--model", str(f), "--dtype", "float32", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tensors bit-identical between the two: True" in proc.stdout
+    res = json.loads(out.read_text())
+    assert [m["mode"] for m in res["modes"]] == ["stream", "memory"]
+    assert [m["streamed"] for m in res["modes"]] == [True, False]
+    assert all(
+        m["peak_rss_mib"] > 0 and m["params"] == res["modes"][0]["params"] for m in res["modes"]
+    )

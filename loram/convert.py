@@ -99,9 +99,9 @@ class ShardWriter:
 
         if not self.pending:
             return
-        save_file(
-            self.pending, str(self.out / self._tmp_name(len(self.files))), metadata={"format": "pt"}
-        )
+        path = self.out / self._tmp_name(len(self.files))
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        path.chmod(0o644)  # safetensors writes through a private temp file (0600)
         self.files.append(sorted(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -251,10 +251,12 @@ def convert_model(
     if plan is None:
         return _convert_in_memory(model, gguf_file, dtype, revision, out_dir, shard_bytes, command)
     meta = plan.meta
+    log.info("planned %s (peak RSS so far %.0f MiB)", model, peak_rss_mb())
     with atomic_dir(out_dir, command) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         plan.write(writer, dtype)
         files = writer.close()
+        log.info("weights written (peak RSS so far %.0f MiB)", peak_rss_mb())
         _write_config(meta, dtype, tmp)
         tok = load_tokenizer(src.path, src.gguf_file)
         tok.save_pretrained(tmp)

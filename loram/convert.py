@@ -83,12 +83,17 @@ class ShardWriter:
         self.total_bytes = 0
         self.shapes: dict[str, tuple[int, ...]] = {}
 
+    def make_room(self, nbytes: int) -> None:
+        """Write the pending shard now if a tensor of ``nbytes`` will not fit in it: called before
+        the tensor is built, so the pending shard and a large new tensor are never both held."""
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self.flush()
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.shapes:
             raise ValueError(f"tensor {name!r} written twice")
         nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
-            self.flush()
+        self.make_room(nbytes)
         self.pending[name] = tensor.contiguous()
         self.pending_bytes += nbytes
         self.total_bytes += nbytes
@@ -361,7 +366,13 @@ class _DirPlan:
                 for name in tqdm(sorted(header), desc=f"converting {path.name}", leave=False):
                     if name in tied:
                         continue
-                    t = read_safetensors_tensor(f, start, header[name], path, name)
+                    info = header[name]
+                    n = int(np.prod(info["shape"], dtype=np.int64))
+                    size = torch.empty(
+                        (), dtype=dtype if name in floating else ST_DTYPES.get(info["dtype"], dtype)
+                    )
+                    writer.make_room(n * size.element_size())
+                    t = read_safetensors_tensor(f, start, info, path, name)
                     writer.add(name, t.to(dtype) if name in floating else t)
                     del t
 
@@ -417,7 +428,9 @@ class _GGUFPlan:
 
         tensors = [t for t in self.reader.tensors if t.name in self.key_map]
         with open(self.path, "rb") as f:
+            itemsize = torch.empty((), dtype=dtype).element_size()
             for t in tqdm(tensors, desc=f"converting {self.path.name}", leave=False):
+                writer.make_room(int(t.n_elements) * itemsize)
                 writer.add(self.key_map[t.name], self._tensor(f, t, dtype))
 
     def _tensor(self, f, t, dtype: torch.dtype) -> torch.Tensor:

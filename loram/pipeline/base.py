@@ -1,4 +1,10 @@
-"""Stage ``base``: the configured base model once as a plain safetensors HF directory."""
+"""Stage ``base``: the configured base model once as a plain safetensors HF directory.
+
+The model is converted tensor by tensor (:mod:`loram.convert`): a GGUF file (the embedded
+SmolLM2, an installed Qwen2.5-Coder, a path) or a directory of safetensors (local or a hub
+snapshot) is written into shards of at most 512 MiB with an index, so the peak memory is about
+one shard plus one tensor, not the model. Other sources load whole through transformers.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +19,27 @@ OPTIONS = {"out": "artifacts/base", "metrics": "metrics/base.json"}
 
 
 def run(p: BaseParams, *, out: str, metrics: str) -> dict:
-    from loram.models import count_params, dtype_name, load_model, resolve_dtype, save_model_dir
+    from loram.convert import convert_model
+    from loram.models import dtype_name, resolve_dtype
 
     check_outputs("base", out, metrics=metrics)
     t0 = time.time()
     # The dtype of every later artifact: each stage reads it back from its input directory's
     # config.json (transformers writes ``dtype`` there), not from params.
     dtype = resolve_dtype(p.dtype)
-    model, tok = load_model(p.model, p.gguf_file, dtype, p.revision)
-    save_model_dir(model, tok, out, command="base")
-    res = {
+    res = convert_model(
+        p.model, out, gguf_file=p.gguf_file, dtype=dtype, revision=p.revision, command="base"
+    )
+    out_metrics = {
         "model": p.model,
         "dtype": dtype_name(dtype),
-        "model_type": model.config.model_type,
-        "params": count_params(model),
-        "layers": model.config.num_hidden_layers,
+        "model_type": res.model_type,
+        "params": res.params,
+        "layers": res.layers,
+        "streamed": res.streamed,
+        "shards": len(res.files),
+        "peak_rss_mb": res.peak_rss_mb,
         "seconds": round(time.time() - t0, 1),
     }
-    write_metrics(metrics, res)
-    return res
+    write_metrics(metrics, out_metrics)
+    return out_metrics

@@ -1,5 +1,6 @@
 """Stage ``variant@NAME``: a baseline on another model from ``variants.NAME`` in one stage: the
-model converted, plain LoRA trained on it, merged and evaluated."""
+model converted, plain LoRA trained on it, merged and evaluated (``kind: lora``), or the model
+converted and evaluated untuned (``kind: original``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ OPTIONS = {
     "data": "artifacts/data",
     "out": "artifacts/variants",
 }
+
+
+REPORT_KIND = {"lora": "lora_small", "original": "original"}
+"""The report's kind of each variant kind (a LoRA baseline on another model is ``lora_small``)."""
 
 
 def run(params: dict, *, name: str, base: str, data: str, out: str) -> dict:
@@ -37,13 +42,31 @@ def run(params: dict, *, name: str, base: str, data: str, out: str) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text(dumps({"command": "variant", "format": 1}), encoding="utf-8")
     mdir = Path("metrics") / "variants" / name
-    from loram.models import load_model, save_model_dir
+    from loram.convert import convert_model
+    from loram.models import resolve_dtype
 
     bp = v["base"]
-    model, tok = load_model(bp.model, bp.gguf_file, bp.dtype, bp.revision)
+    dtype = resolve_dtype(bp.dtype)
+    if spec.kind == "original":
+        # The other model untuned: converted (kept as the variant's output) and evaluated.
+        model_dir = str(root / "model")
+        convert_model(
+            bp.model, model_dir, gguf_file=bp.gguf_file, dtype=dtype, revision=bp.revision
+        )
+        mdir.mkdir(parents=True, exist_ok=True)
+        rec = evaluate.run(
+            params["eval"],
+            model=model_dir,
+            data=data,
+            arm=name,
+            kind="original",
+            description=spec.description or f"{bp.model}, no fine-tuning",
+            out=str(Path("metrics") / "arms" / f"{name}.json"),
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return rec
     base_dir = str(work / "base")
-    save_model_dir(model, tok, base_dir, command="base")
-    del model
+    convert_model(bp.model, base_dir, gguf_file=bp.gguf_file, dtype=dtype, revision=bp.revision)
     train.run(
         v["train"],
         model=base_dir,
@@ -69,7 +92,7 @@ def run(params: dict, *, name: str, base: str, data: str, out: str) -> dict:
         model=str(root / "merged"),
         data=data,
         arm=name,
-        kind=spec.kind,
+        kind=REPORT_KIND[spec.kind],
         description=spec.description or name,
         train_metrics=str(mdir / "train.json"),
         merge_metrics=str(mdir / "merge.json"),

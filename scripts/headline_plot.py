@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""The headline figure (the paper's Figures 3-5 shape): quality against training memory.
+
+Reads every ``metrics/arms/*.json`` of a run (``profiles/headline.yaml``) and plots, per arm, the
+in-domain perplexity (left, lower is better) and HumanEval pass@1 with its standard error (right)
+against the peak training memory of that arm. Untuned models have no training memory: they are
+drawn as horizontal reference lines. Prints the same numbers as a markdown table.
+
+    python scripts/headline_plot.py                       # reports/headline.png + table on stdout
+    python scripts/headline_plot.py --metrics DIR --out PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load_arms(metrics_dir: Path) -> list[dict]:
+    arms = []
+    for f in sorted(metrics_dir.glob("*.json")):
+        try:
+            rec = json.loads(f.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise SystemExit(f"{f} is not valid JSON: {exc}") from None
+        if isinstance(rec, dict):
+            rec.setdefault("arm", f.stem)
+            arms.append(rec)
+    if not arms:
+        raise SystemExit(f"no arm metrics in {metrics_dir} (run the pipeline first)")
+    return arms
+
+
+def point(arm: dict) -> dict:
+    bench = arm.get("bench") if isinstance(arm.get("bench"), dict) else {}
+    ppl = arm.get("ppl") if isinstance(arm.get("ppl"), dict) else {}
+    return {
+        "arm": arm["arm"],
+        "description": arm.get("description", ""),
+        "memory_mib": arm.get("peak_rss_mib"),
+        "in_domain_ppl": ppl.get("in_domain"),
+        "humaneval": bench.get("humaneval/pass@1"),
+        "humaneval_stderr": bench.get("humaneval/pass@1_stderr"),
+        "csr": bench.get("csr"),
+    }
+
+
+def table(points: list[dict]) -> str:
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    lines = [
+        "| arm | description | peak training memory (MiB) | in-domain ppl | HumanEval pass@1 | CSR mean |",
+        "| :--- | :--- | ---: | ---: | ---: | ---: |",
+    ]
+    for p in sorted(points, key=lambda p: (p["memory_mib"] is not None, p["memory_mib"] or 0)):
+        he = "–"
+        if p["humaneval"] is not None:
+            he = f"{100 * p['humaneval']:.1f}%"
+            if p["humaneval_stderr"] is not None:
+                he += f" ± {100 * p['humaneval_stderr']:.1f}"
+        csr = "–" if p["csr"] is None else f"{100 * p['csr']:.1f}%"
+        lines.append(
+            f"| {p['arm']} | {p['description']} | {f(p['memory_mib'], ',.0f')} | "
+            f"{f(p['in_domain_ppl'], '.3f')} | {he} | {csr} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(points: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [
+        ("in_domain_ppl", None, "in-domain perplexity (lower is better)"),
+        ("humaneval", "humaneval_stderr", "HumanEval pass@1 (greedy)"),
+    ]
+    for ax, (key, err, label) in zip(axes, panels):
+        for i, p in enumerate(points):
+            y = p[key]
+            if y is None:
+                continue
+            color = f"C{i % 10}"
+            if p["memory_mib"] is None:  # untuned: a reference line
+                ax.axhline(
+                    y, color=color, linestyle="--", linewidth=1, label=f"{p['arm']} (untuned)"
+                )
+                continue
+            yerr = p[err] if err and p[err] is not None else None
+            ax.errorbar(
+                p["memory_mib"] / 1024,
+                y,
+                yerr=yerr,
+                fmt="o",
+                color=color,
+                capsize=3,
+                label=p["arm"],
+            )
+            ax.annotate(
+                p["arm"],
+                (p["memory_mib"] / 1024, y),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
+        ax.set_xlabel("peak training memory (GiB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle("Train small, infer large: quality against training memory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--metrics", default="metrics/arms")
+    ap.add_argument("--out", default="reports/headline.png")
+    a = ap.parse_args(argv)
+    points = [point(arm) for arm in load_arms(Path(a.metrics))]
+    plot(points, Path(a.out))
+    print(table(points))
+    print(f"\nwrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""profiles/headline.yaml and profiles/alignment.yaml: valid, and they say what the README says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from loram.config import load_params
+from loram.profiles import apply_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _apply(tmp_path, name):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    apply_profile(ROOT / "profiles" / name, params)
+    return load_params(params), yaml.safe_load(params.read_text())
+
+
+def test_headline_profile(tmp_path, monkeypatch):
+    # Validating the profile must not install anything: an empty cache and wheelhouse would fail.
+    monkeypatch.setenv("LORAM_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORAM_WHEELHOUSE", str(tmp_path / "none"))
+    p, raw = _apply(tmp_path, "headline.yaml")
+    assert not (tmp_path / "cache").exists()
+    assert p["base"].model == "qwen2.5-coder-1.5b" and p["base"].dtype == "float32"
+    v = p["variants"]
+    assert {k: (v[k]["spec"].kind, v[k]["base"].model) for k in v} == {
+        "coder05": ("original", "qwen2.5-coder-0.5b"),
+        "lora05": ("lora", "qwen2.5-coder-0.5b"),
+    }
+    arms = raw["arms"]
+    assert arms["qloram"]["base"] == arms["loram"]["base"] == "stru"  # one prune + align
+    assert arms["qloram"]["train"]["quantize"] == "nf4"
+    # LoRA on the 0.5B trains with the very recipe of the 1.5B arms (the shared train section).
+    assert v["lora05"]["train"] == p["train"]
+    e = p["eval"]
+    assert e.limit["humaneval"] >= 40 and e.humaneval_n == 1 and e.humaneval_temperature == 0
+    assert {"csr", "humaneval"} <= set(e.tasks)
+
+
+def test_alignment_profile_doses(tmp_path):
+    p, raw = _apply(tmp_path, "alignment.yaml")
+    bases = {k: raw["bases"][k] for k in ("a0", "a25k", "a100k", "a400k")}
+    assert all(b["prune"] == {"ratio": 0.85} for b in bases.values())  # the same pruning
+    shared = p["align"]
+
+    def tokens(b):
+        a = {**shared.model_dump(), **b.get("align", {})}
+        return (
+            0
+            if not a["enabled"]
+            else a["max_steps"] * a["micro_batch"] * a["grad_accum"] * a["seq_len"]
+        )
+
+    assert [tokens(b) for b in bases.values()] == [0, 25_600, 102_400, 409_600]
+    assert {raw["arms"][f"d{k[1:]}"]["base"] for k in bases} == set(bases)
+
+
+def test_headline_plot(tmp_path):
+    """scripts/headline_plot.py: a table row per arm sorted by memory, untuned arms first, a PNG."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "headline_plot", ROOT / "scripts" / "headline_plot.py"
+    )
+    hp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hp)
+    arms = tmp_path / "arms"
+    arms.mkdir()
+    recs = {
+        "original": {
+            "kind": "original",
+            "ppl": {"in_domain": 2.0},
+            "bench": {"humaneval/pass@1": 0.5},
+        },
+        "lora05": {
+            "peak_rss_mib": 9000.0,
+            "ppl": {"in_domain": 2.2},
+            "bench": {"humaneval/pass@1": 0.3, "humaneval/pass@1_stderr": 0.07},
+        },
+        "qloram": {
+            "peak_rss_mib": 8500.0,
+            "ppl": {"in_domain": 1.9},
+            "bench": {"humaneval/pass@1": 0.55, "csr": 0.5},
+        },
+    }
+    for name, rec in recs.items():
+        (arms / f"{name}.json").write_text(json.dumps(rec))
+    out = tmp_path / "h.png"
+    assert hp.main(["--metrics", str(arms), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = hp.table([hp.point(a) for a in hp.load_arms(arms)]).splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", "qloram", "lora05"]
+    assert "30.0% ± 7.0" in rows[2] and "50.0%" in rows[1] and "| – |" in rows[0]

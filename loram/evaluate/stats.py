@@ -50,7 +50,9 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact bounds at 0/n and n/n
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def is_binary(values: Sequence[float]) -> bool:

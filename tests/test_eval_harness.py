@@ -535,9 +535,27 @@ def test_run_benchmarks_smoke_tiny_model(tmp_path):
     tok = tiny_tokenizer()
     assert tok.decode(tok("Q: 1 + 1?\nA:").input_ids) == "Q: 1 + 1?\nA:"
     out = harness.run_benchmarks(
-        tiny_llama(), tok, tasks=["arc_easy", "piqa"], limit=3, cache_dir=tmp_path
+        tiny_llama(), tok, tasks=["arc_easy", "piqa"], limit=3, cache_dir=tmp_path,
+        log_samples=True,
     )
-    json.dumps(out)
+    text = json.dumps(out)
+    assert str(tmp_path) not in text and ".cache" not in text  # no machine paths
+    records = out.pop("samples")
+    assert sorted((r["task"], r["doc_id"]) for r in records) == [
+        (t, i) for t in ("arc_easy", "piqa") for i in range(3)
+    ]
+    docs = harness.per_doc_scores(records)
+    for key in ("arc_easy/acc", "piqa/acc"):
+        # the summary's score and error bar are those of the per-document scores
+        assert out[key] == pytest.approx(sum(docs[key]) / 3, rel=sum_rtol(3))
+        lo, hi = out[f"{key}_ci95_low"], out[f"{key}_ci95_high"]
+        assert 0.0 <= lo <= out[key] <= hi <= 1.0 and hi - lo > 0.2  # 3 documents: wide
+        assert out[f"{key}_stderr"] == pytest.approx(
+            float(__import__("numpy").std(docs[key], ddof=1)) / 3**0.5, rel=sum_rtol(3), abs=0
+        )
+    assert out["csr_stderr"] == pytest.approx(
+        (out["arc_easy/acc_stderr"] ** 2 + out["piqa/acc_stderr"] ** 2) ** 0.5 / 2, rel=sum_rtol(4)
+    )
     for key in ("arc_easy/acc", "arc_easy/acc_norm", "piqa/acc", "piqa/acc_norm", "csr"):
         assert 0.0 <= out[key] <= 1.0, key
     assert out["csr"] == pytest.approx((out["arc_easy/acc"] + out["piqa/acc"]) / 2, rel=sum_rtol(2))
@@ -548,6 +566,8 @@ def test_run_benchmarks_smoke_tiny_model(tmp_path):
     assert meta["tasks"]["piqa"]["num_fewshot"] == 1
     assert meta["tasks"]["arc_easy"]["eval_split"] == "test"
     assert meta["tasks"]["piqa"]["fewshot_split"] == "validation"
+    assert meta["seeds"]["fewshot"] == 1234 and meta["tasks"]["piqa"]["task_version"] == 1.0
+    assert set(meta["tasks"]["piqa"]["data"]["validation"]) == {"sha256", "rows"}
 
 
 def test_gsm8k_and_humaneval_end_to_end_with_fake_model(tmp_path):
@@ -580,6 +600,9 @@ def test_gsm8k_and_humaneval_end_to_end_with_fake_model(tmp_path):
     assert meta["tasks"]["gsm8k"]["num_fewshot"] == 8
     assert meta["tasks"]["humaneval"]["n_samples"] == 10
     assert meta["tasks"]["humaneval"]["pass_at_k"] == [1, 10]
-    assert meta["sandbox"]["isolation"] in ("namespaces", "userns", "rlimits")
+    assert meta["sandbox"]["isolation"] in ("namespaces", "userns")
+    assert meta["sandbox"]["policy"] == "strict" and "python" not in meta["sandbox"]
+    # per-problem pass@1 1.0 and 0.5: sample sd 0.5 / sqrt(2), over sqrt(2) problems
+    assert out["humaneval/pass@1_stderr"] == pytest.approx(0.25, rel=sum_rtol(20))
     assert out["csr"] is None
     assert re.fullmatch(r"0\.4\.\d+", meta["lm_eval_version"])

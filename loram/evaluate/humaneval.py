@@ -57,10 +57,14 @@ def run_candidates(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_mb: int = 1024,
     workers: int | None = None,
+    policy: str = "strict",
 ) -> list[bool]:
-    """Whether each candidate (prompt + completion) passes the tests, in the sandbox."""
+    """Whether each candidate (prompt + completion) passes the tests, in the sandbox
+    (``policy``: see ``loram.evaluate.sandbox.require``)."""
     programs = [assemble_program(c, test, entry_point) for c in candidates]
-    results = check_programs(programs, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+    results = check_programs(
+        programs, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb, policy=policy
+    )
     return [r.passed for r in results]
 
 

@@ -4,17 +4,22 @@ The program never runs in this interpreter. ``check_program`` writes it to a fre
 directory and starts ``python -I`` on it through a small launcher, choosing the strongest
 isolation the machine allows (see ``sandbox_info()``):
 
-``namespaces`` (running as root, ``unshare`` works)
+``namespaces`` (running as root, ``unshare`` works; tried first)
     new network, mount and PID namespaces (``unshare --net --mount --pid --fork --kill-child
     --mount-proc``); the working directory is a private size-limited tmpfs; every other mount
     is remounted read-only inside the namespace; the program then runs as a fresh random
     unprivileged uid/gid with no supplementary groups, no capabilities and ``no_new_privs``.
-``userns`` (not root, unprivileged user namespaces allowed)
+``userns`` (``unshare --user`` works: unprivileged user namespaces, or root where only those
+are allowed)
     the same namespaces inside a user namespace; all capabilities are dropped from the
     bounding set before the program starts, so it cannot undo the read-only remounts.
-``rlimits`` (fallback)
-    resource limits, a new session, and a Python-level guard that removes ``fork``/``exec``
-    and ``socket``. The guard is defence in depth only (``ctypes``/``_socket`` bypass it).
+``rlimits`` (fallback, only with ``policy="rlimits"``)
+    resource limits, a new session, a launcher that is a child subreaper (kills orphans), and a
+    Python-level guard that removes ``fork``/``exec`` and ``socket``. The guard is defence in
+    depth only (``ctypes``/``_socket`` bypass it): no network or filesystem isolation.
+
+``policy="strict"`` (the default, ``eval.sandbox``) fails closed: it tries ``namespaces`` (as
+root), then ``userns``, and raises ``SandboxUnavailable`` rather than fall back to ``rlimits``.
 
 In every mode: wall-clock timeout that SIGKILLs the whole process group (and, with a PID
 namespace, everything in it), RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_NPROC (forks; enforced
@@ -43,13 +48,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+try:
+    from loram.errors import LoramError
+except ImportError:  # this file used on its own (it needs only the standard library)
+
+    class LoramError(Exception):  # type: ignore[no-redef]
+        """Stand-in for loram.errors.LoramError."""
+
 Status = Literal["passed", "failed", "timeout", "error"]
 ISOLATION_MODES = ("namespaces", "userns", "rlimits")
+SANDBOX_POLICIES = ("strict", "rlimits")
+"""``strict``: namespace isolation or refuse; ``rlimits``: accept the rlimits-only fallback."""
+
+
+class SandboxUnavailable(LoramError):
+    """``strict`` sandbox requested but no namespace isolation works on this machine."""
 
 #: launcher exit code meaning "the sandbox could not be set up" (never the program's fault)
 SETUP_EXIT = 121
 _SIGNAL_EXIT = 122
 _SETUP_TAG = "loram-sandbox setup:"
+_BACKSTOP_S = 2.0
 
 # The launcher runs as ``python -I -S -c _LAUNCHER <json>``: first inside the new namespaces
 # (as root there), it builds the confinement and then execs the interpreter on the program.
@@ -125,6 +144,12 @@ except Exception as exc:
 # The launcher stays as the namespace's init (so the program keeps ordinary signal semantics,
 # and everything it forks dies with the namespace) and reports the program's wait status.
 status_fd = cfg["status_fd"]
+# orphans of the program (e.g. a double fork) are re-parented to this launcher, which kills
+# them once the program exits (without a PID namespace nothing else would)
+try:
+    prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+except OSError as exc:
+    fail("cannot become a child subreaper: %s" % exc)
 pid = os.fork()
 if pid == 0:
     try:
@@ -151,12 +176,58 @@ if pid == 0:
         os.execve(cfg["python"], [cfg["python"], "-I", "prog.py"], cfg["env"])
     except OSError as exc:
         fail("cannot exec %s: %s" % (cfg["python"], exc))
-while True:
+import signal
+
+class Deadline(Exception):
+    pass
+
+def on_alarm(signum, frame):
+    raise Deadline()
+
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, cfg["timeout_s"])
+timed_out = False
+try:
+    _, wstatus = os.waitpid(pid, 0)
+except Deadline:
+    timed_out = True
     try:
-        _, wstatus = os.waitpid(pid, 0)
-        break
-    except InterruptedError:
-        continue
+        os.kill(pid, 9)
+    except OSError:
+        pass
+    _, wstatus = os.waitpid(pid, 0)
+signal.setitimer(signal.ITIMER_REAL, 0)
+def reap_orphans():
+    me = str(os.getpid())
+    for _ in range(1000):
+        found = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % entry) as fh:
+                    ppid = fh.read().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+            if ppid == me:
+                found = True
+                try:
+                    os.kill(int(entry), 9)
+                except OSError:
+                    pass
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if not found:
+            return
+
+reap_orphans()
+if timed_out:
+    os.write(status_fd, b"timeout 0")
+    os._exit(cfg["signal_exit"])
 if os.WIFSIGNALED(wstatus):
     os.write(status_fd, b"signal %d" % os.WTERMSIG(wstatus))
     os._exit(cfg["signal_exit"])
@@ -248,7 +319,8 @@ _DEFENSES = {
     ),
     "rlimits": (
         "RLIMIT_AS / RLIMIT_CPU / RLIMIT_FSIZE / RLIMIT_NOFILE / no core dumps",
-        "wall-clock timeout killing the process group (new session)",
+        "wall-clock timeout enforced by the launcher, then the process group is killed",
+        "launcher is a child subreaper: orphans (double forks, setsid) are killed at the end",
         "scrubbed environment, stdin from /dev/null, output capped",
         "Python-level guard removing fork/exec/socket (bypassable: not a boundary)",
     ),
@@ -257,11 +329,13 @@ _MISSING = {
     "namespaces": (),
     "userns": (),
     "rlimits": (
-        "no network isolation (only the bypassable Python guard)",
-        "no filesystem isolation: files writable by the program's uid (a fresh uid when "
-        "started as root, else the invoking user) can be changed or deleted",
-        "when not root, RLIMIT_NPROC counts all of the invoking user's processes, and a "
-        "child that leaves the process group (setsid) can outlive the run",
+        "no network isolation: `_socket` or ctypes bypass the Python guard and reach local "
+        "listeners and the network",
+        "no filesystem isolation: the program can create files outside its working directory "
+        "(/tmp, /var/tmp, /dev/shm) and change or delete any file writable by its uid (a "
+        "fresh uid when started as root, else the invoking user)",
+        "when not root, the program runs as the invoking user: it can signal (kill) that "
+        "user's processes, and RLIMIT_NPROC counts all of them",
     ),
 }
 
@@ -408,6 +482,7 @@ def _run(
             "tmpfs_mb": tmpfs_mb,
             "rlimits": _rlimits(mode, timeout_s, memory_mb, max_procs, max_output_bytes),
             "env": _scrubbed_env(work),
+            "timeout_s": float(timeout_s),
             "tag": _SETUP_TAG,
             "setup_exit": SETUP_EXIT,
             "signal_exit": _SIGNAL_EXIT,
@@ -436,7 +511,9 @@ def _run(
                 finally:
                     os.close(status_w)
                 try:
-                    proc.wait(timeout=timeout_s)
+                    # the launcher enforces timeout_s itself (and kills orphans); this is
+                    # the backstop should the launcher hang
+                    proc.wait(timeout=timeout_s + _BACKSTOP_S)
                 except subprocess.TimeoutExpired:
                     timed_out = True
                 finally:
@@ -462,6 +539,8 @@ def _run(
             rc = int(value)
         elif kind == "signal":
             rc = -int(value)
+        if kind == "timeout":
+            timed_out, rc = True, None
         if timed_out:
             status, reason = "timeout", f"wall-clock timeout after {timeout_s:g}s"
         elif rc == SETUP_EXIT and _SETUP_TAG in stderr:
@@ -536,9 +615,13 @@ def _probe_cached(mode: str) -> tuple[str | None, str]:
 
 @functools.lru_cache(maxsize=1)
 def sandbox_info() -> SandboxInfo:
-    """Probe (once) the strongest isolation that works here, and the interpreter it uses."""
+    """Probe (once) the strongest isolation that works here, and the interpreter it uses.
+
+    Tries the root namespace mode (when running as root), then the user-namespace mode, then
+    falls back to ``rlimits`` (which only ``policy="rlimits"`` accepts, see ``require``).
+    """
     notes: list[str] = []
-    order = ["namespaces"] if os.geteuid() == 0 else ["userns"]
+    order = ["namespaces", "userns"] if os.geteuid() == 0 else ["userns"]
     if shutil.which("unshare") is None:
         notes.append("util-linux `unshare` not found")
         order = []
@@ -547,7 +630,8 @@ def sandbox_info() -> SandboxInfo:
         if python is not None:
             if python != sys.executable:
                 notes.append(
-                    f"{sys.executable} is not usable by the sandbox uid; programs run with {python}"
+                    "the running interpreter is not usable by the sandbox uid; programs run "
+                    "with " + os.path.basename(python)
                 )
             return SandboxInfo(mode, python, _DEFENSES[mode], _MISSING[mode], tuple(notes))
         notes.append(f"{mode} isolation unavailable: {why}")
@@ -556,6 +640,47 @@ def sandbox_info() -> SandboxInfo:
         notes.append(f"no interpreter runs under the sandbox: {why}")
         python = sys.executable
     return SandboxInfo("rlimits", python, _DEFENSES["rlimits"], _MISSING["rlimits"], tuple(notes))
+
+
+def reset() -> None:
+    """Forget the probed isolation (e.g. after changing PATH or the machine's settings)."""
+    sandbox_info.cache_clear()
+    _probe_cached.cache_clear()
+
+
+HOW_TO_ENABLE = (
+    "enable namespaces (as root: allow unshare, e.g. `docker run --cap-add SYS_ADMIN "
+    "--security-opt seccomp=unconfined`; as a user: allow unprivileged user namespaces, e.g. "
+    "`sysctl kernel.unprivileged_userns_clone=1`, `sysctl user.max_user_namespaces=15000`, "
+    "Ubuntu >= 23.10 also `sysctl kernel.apparmor_restrict_unprivileged_userns=0`), or opt in "
+    "to the weaker sandbox knowingly with `eval.sandbox: rlimits` (model-written code can then "
+    "reach the network and local services, change files and signal processes of your user)"
+)
+
+
+def require(policy: str = "strict") -> SandboxInfo:
+    """The isolation ``policy`` allows here, or ``SandboxUnavailable`` before anything runs.
+
+    ``strict``: only ``namespaces`` or ``userns`` (fails closed). ``rlimits``: the strongest
+    available, the rlimits-only fallback accepted (with a warning).
+    """
+    if policy not in SANDBOX_POLICIES:
+        raise ValueError(f"sandbox policy must be one of {SANDBOX_POLICIES}, got {policy!r}")
+    info = sandbox_info()
+    if info.isolation != "rlimits":
+        return info
+    if policy == "strict":
+        why = "; ".join(info.notes) or "no namespace isolation"
+        raise SandboxUnavailable(
+            "eval.sandbox is 'strict' but no isolated sandbox works on this machine, so "
+            f"model-written code will not run ({why}). To fix: {HOW_TO_ENABLE}"
+        )
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "sandbox: rlimits only (eval.sandbox: rlimits); NOT contained: %s", "; ".join(info.missing)
+    )
+    return info
 
 
 def check_program(
@@ -568,15 +693,21 @@ def check_program(
     tmpfs_mb: int = 64,
     isolation: str | None = None,
     guard: bool | None = None,
+    policy: str = "strict",
 ) -> Result:
     """Run ``program`` (Python source) confined; passed iff it exits with status 0.
 
-    ``isolation`` forces one of ``ISOLATION_MODES`` (default: the strongest that works,
-    see ``sandbox_info``). ``guard`` prepends the Python-level fork/exec/socket guard
+    ``isolation`` forces one of ``ISOLATION_MODES``; by default the strongest that works and
+    that ``policy`` accepts (``strict`` raises ``SandboxUnavailable`` rather than run without
+    namespaces, see ``require``). ``guard`` prepends the Python-level fork/exec/socket guard
     (default: only in ``rlimits`` mode, where the OS gives no network isolation).
     """
-    info = sandbox_info()
-    mode = isolation or info.isolation
+    if isolation is None:
+        info = require(policy)
+        mode = info.isolation
+    else:
+        info = sandbox_info()
+        mode = isolation
     if mode not in ISOLATION_MODES:
         raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {mode!r}")
     if mode == info.isolation:
@@ -606,6 +737,7 @@ def check_programs(
     if not programs:
         return []
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    sandbox_info()  # probe once before fanning out
+    if kwargs.get("isolation") is None:
+        require(kwargs.get("policy", "strict"))  # probe once (and fail closed) before fanning out
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda p: check_program(p, **kwargs), programs))

@@ -1,5 +1,12 @@
 """Stage ``evaluate@ARM``: perplexities and lm-eval benchmarks of one arm, joined with its
-training cost."""
+training cost.
+
+Three outputs: ``--out`` (the arm's metrics: numbers only, what ``dvc metrics diff`` compares:
+scores with standard errors and 95% intervals, perplexities with bootstrap intervals, costs)
+and, in ``--details`` (default ``metrics/details/<arm>``, next to the metrics),
+``samples.jsonl`` (one record per document: lm-eval's per-document scores and responses, the
+per-document perplexity losses) and ``provenance.json`` (task versions, splits, data digests,
+seeds, sandbox mode; no machine paths)."""
 
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ OPTIONS = {
     "train_metrics": "",
     "merge_metrics": "",
     "out": "metrics/arms/loram.json",
+    "details": "",
 }
 
 ARM_FIELDS = (
@@ -44,6 +52,12 @@ ARM_FIELDS = (
 )
 
 
+def _needs_sandbox(p: EvalParams) -> bool:
+    from loram.evaluate.harness import expand_tasks
+
+    return p.source == "local" and "humaneval" in expand_tasks(p.tasks)
+
+
 def evaluate_model(
     model_dir: str,
     adapter: str | None,
@@ -51,7 +65,10 @@ def evaluate_model(
     p: EvalParams,
     tokenizer_dir: str | None = None,
 ) -> dict:
-    """Perplexities and lm-eval benchmarks of one model (a merged dir, or pruned dir + adapter)."""
+    """Perplexities and lm-eval benchmarks of one model (a merged dir, or pruned dir + adapter).
+
+    Returns ``{"ppl", "ppl_ci95", "bench", "eval_seconds"}`` (numbers) plus ``"provenance"``
+    and ``"samples"`` (per-document records), which ``run`` writes to the details folder."""
     import torch
 
     from loram.data import read_jsonl
@@ -63,6 +80,10 @@ def evaluate_model(
         need_file(data / name, "evaluation data")
     if adapter:
         check_adapter_dir(adapter)
+    if p.tasks and _needs_sandbox(p):
+        from loram.evaluate.sandbox import require
+
+        require(p.sandbox)  # fail closed before any model work
     # Both load in the dtype the directory was saved in (the base stage's); an adapter on top
     # stays fp32 (peft upcasts bf16 / fp16 adapters) and the loss upcasts the logits.
     if (Path(model_dir) / "loram_manifest.json").exists():
@@ -85,20 +106,28 @@ def evaluate_model(
         sets[f.stem] = read_jsonl(f)[: p.ppl_max_rows]
     sets["general_text"] = read_jsonl(data / "align_val.jsonl")[: p.ppl_max_rows]
     t0 = time.time()
+    samples: list[dict] = []
+    ppl, ppl_ci, ppl_prov = {}, {}, {}
     with torch.no_grad():
-        ppl = {
-            k: perplexity(model, tok, rows, p.ppl_seq_len, p.batch_size)["ppl"]
-            for k, rows in sets.items()
-        }
+        for k, rows in sets.items():
+            r = perplexity(model, tok, rows, p.ppl_seq_len, p.batch_size)
+            ppl[k] = r["ppl"]
+            ppl_ci[k] = {"low": r["ppl_ci95_low"], "high": r["ppl_ci95_high"]}
+            ppl_prov[k] = {"rows": r["rows"], "tokens": r["tokens"]}
+            samples += [
+                {"task": f"ppl/{k}", "doc_id": i, "nll": nll, "tokens": n}
+                for i, (nll, n) in enumerate(r["documents"])
+            ]
     log.info("perplexity %s (%.0fs)", ppl, time.time() - t0)
-    out: dict = {"ppl": ppl}
+    out: dict = {"ppl": ppl, "ppl_ci95": ppl_ci}
+    provenance: dict = {"ppl": {"seq_len": p.ppl_seq_len, "sets": ppl_prov}}
     if p.tasks:
         from loram.evaluate.harness import run_benchmarks
 
         if adapter:
             model = model.merge_and_unload()  # lm-eval wants a plain model; same function
         gen = {"max_gen_toks": p.max_gen_toks} if p.max_gen_toks else None
-        out["bench"] = run_benchmarks(
+        bench = run_benchmarks(
             model,
             tok,
             tasks=p.tasks,
@@ -111,9 +140,36 @@ def evaluate_model(
             humaneval_temperature=p.humaneval_temperature,
             humaneval_top_p=p.humaneval_top_p,
             seed=p.seed,
+            log_samples=True,
+            sandbox=p.sandbox,
+            mathqa_path=p.mathqa.path,
         )
+        provenance["bench"] = bench.pop("metadata")
+        samples += bench.pop("samples")
+        out["bench"] = {k: v for k, v in bench.items() if v is not None}
     out["eval_seconds"] = round(time.time() - t0, 1)
+    out["provenance"] = provenance
+    out["samples"] = samples
     return out
+
+
+def details_dir(out: str) -> Path:
+    """Default details folder of an arm's metrics file: metrics/arms/X.json -> metrics/details/X."""
+    path = Path(out)
+    return path.parent.parent / "details" / path.stem
+
+
+def write_details(folder: str | Path, provenance: dict, samples: list[dict]) -> None:
+    """``provenance.json`` and ``samples.jsonl`` of one arm, atomically (one folder)."""
+    import json
+
+    from loram.fsio import atomic_dir, dumps
+
+    with atomic_dir(Path(folder), NAME) as tmp:
+        (tmp / "provenance.json").write_text(dumps(provenance), encoding="utf-8")
+        (tmp / "samples.jsonl").write_text(
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in samples), encoding="utf-8"
+        )
 
 
 def run(
@@ -129,10 +185,12 @@ def run(
     train_metrics: str = "",
     merge_metrics: str = "",
     out: str,
+    details: str = "",
     name: str = "",
     spec=None,
 ) -> dict:
     check_output_file(out, (".json",), "--out")
+    details_path = Path(details) if details else details_dir(out)
     if not description and spec is not None:
         description = spec.description
     for opt, value in (("--train-metrics", train_metrics), ("--merge-metrics", merge_metrics)):
@@ -149,6 +207,9 @@ def run(
             rec["sparsity"] = mm["sparsity_pruned_before"]
             rec["sparsity_merged"] = mm["sparsity_pruned_after"]
             rec["merge_target"] = mm.get("target", "original")
+    provenance = {"arm": arm, **res.pop("provenance")}
+    samples = res.pop("samples")
     rec.update(res)
+    write_details(details_path, provenance, samples)
     write_metrics(out, rec, "--out")
     return rec

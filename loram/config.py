@@ -343,6 +343,24 @@ class PruneParams(_Params):
 
 _KEEP = "Keep the last checkpoint after the run completes (false: delete it, saving disk)."
 
+# Training-cost options shared by alignment and LoRA training (benchmarks/train_cost.py measures
+# each; README "Training cost").
+_LOSS_CHUNK = (
+    "Tokens per chunk of the vocabulary projection + cross-entropy, each chunk checkpointed so "
+    "the full fp32 logits of a batch never exist (0: the stock loss over the full logits)."
+)
+_GRAD_CKPT = (
+    "Activation checkpointing of the decoder layers (non-reentrant): the backward pass "
+    "recomputes each layer's forward instead of keeping its activations."
+)
+_ATTN = (
+    "Attention kernel: sdpa (torch scaled_dot_product_attention; fused kernels that keep no "
+    "score matrix when they apply) or eager (materialises every layer's score matrices)."
+)
+AttnImplementation = Literal["sdpa", "eager"]
+LOSS_CHUNK_DEFAULT = 256
+GRAD_CKPT_DEFAULT = True
+
 
 class AlignParams(_Params):
     enabled: bool = True
@@ -367,6 +385,9 @@ class AlignParams(_Params):
     max_val_blocks: int = Field(
         16, ge=1, description="Held-out ``seq_len`` blocks for the validation loss."
     )
+    loss_chunk: int = Field(LOSS_CHUNK_DEFAULT, ge=0, description=_LOSS_CHUNK)
+    grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
+    attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
     seed: int = 0
 
 
@@ -401,6 +422,9 @@ class TrainParams(_Params):
     )
     weight_decay: float = Field(0.0, ge=0)
     quantize: Literal["none", "nf4"] = Field("none", description="nf4: QLoRAM (NF4 base).")
+    loss_chunk: int = Field(LOSS_CHUNK_DEFAULT, ge=0, description=_LOSS_CHUNK)
+    grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
+    attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
     seed: int = 0
 
 

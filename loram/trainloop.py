@@ -172,7 +172,7 @@ def train_loop(
         )
         for idx in micro:
             batch = collate([train_examples[i] for i in idx], pad_id)
-            loss, n = batch_loss(model, batch, device)
+            loss, n = batch_loss(model, batch, device, getattr(cfg, "loss_chunk", 0))
             # Token-weighted mean over the whole accumulated step.
             (loss / max(n_tokens, 1)).backward()
             loss_sum += loss.item()
@@ -188,7 +188,9 @@ def train_loop(
         tokens_per_step = tok_sum
         rec = {"step": step, "loss": loss_sum / max(tok_sum, 1), "lr": sched.get_last_lr()[0]}
         if val_examples and (step % eval_every == 0 or step == cfg.max_steps):
-            rec["val_loss"] = evaluate_loss(model, val_examples, cfg.micro_batch, pad_id)
+            rec["val_loss"] = evaluate_loss(
+                model, val_examples, cfg.micro_batch, pad_id, getattr(cfg, "loss_chunk", 0)
+            )
         history.append(rec)
         bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "step"})
         bar.update(1)

@@ -124,7 +124,8 @@ def setup_training(model, p: TrainParams | AlignParams) -> None:
     * ``grad_checkpointing``: transformers' activation checkpointing of the decoder layers,
       non-reentrant (``use_reentrant=False``): it needs no input that requires grad, so a frozen
       base under peft LoRA works without ``enable_input_require_grads``, and it replays the
-      RNG state, so dropout draws the same masks in the recomputation.
+      RNG state, so dropout draws the same masks in the recomputation. (transformers also
+      makes the embedding output require grad, as peft's ``enable_input_require_grads``.)
 
     Nothing is written to the model's config (an aligned model saved after this generates with
     its KV cache as before); the loss passes ``use_cache=False`` itself.
@@ -133,10 +134,17 @@ def setup_training(model, p: TrainParams | AlignParams) -> None:
     """
     set_attn_implementation(model, p.attn_implementation)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
     if p.grad_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (new name)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # pragma: no cover - older transformers
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     elif grad_checkpointing_on(base):
-        base.gradient_checkpointing_disable()
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:  # pragma: no cover - older transformers
+            base.gradient_checkpointing_disable()
 
 
 def grad_checkpointing_on(model) -> bool:

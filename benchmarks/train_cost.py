@@ -168,6 +168,20 @@ def _analytic(cfg, p, n_tokens: int, micro: int, act_bytes: int, trainable: int)
     }
 
 
+def _import_libraries() -> None:
+    """Import everything an arm's training imports (peft, bitsandbytes, the model classes), so
+    that the RSS of library code is in every arm's pre-load RSS rather than in some arms' peaks
+    (bitsandbytes, imported only by the NF4 arm, is a few hundred MiB on CPU)."""
+    import importlib
+
+    for name in ("peft", "bitsandbytes", "transformers.models.llama.modeling_llama",
+                 "transformers.models.qwen2.modeling_qwen2", "safetensors.torch"):  # fmt: skip
+        try:
+            importlib.import_module(name)
+        except ImportError:  # pragma: no cover - optional (bitsandbytes: the quant extra)
+            pass
+
+
 def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: dict) -> dict:
     import torch
 
@@ -182,6 +196,7 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
     tok = load_tokenizer(src)
     blocks = _blocks(tok, steps * micro, seq_len)
     device = default_device()
+    _import_libraries()  # library code is not the arm's memory: loaded before rss0
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -286,24 +301,25 @@ ABSOLUTE = 0.70  # every arm's peak at most 70% of the same arm's with the stock
 
 def _table(rows: list[dict]) -> str:
     head = (
-        f"{'arm':<18} {'params held':>13} {'param MiB':>10} {'peak MiB':>9} {'x mem':>6} "
-        f"{'s/step':>7} {'samples/s':>9} {'x speed':>8} {'floor MiB':>9} {'x floor':>7}"
+        f"{'arm':<20} {'params held':>13} {'param MiB':>10} {'peak MiB':>9} {'x mem':>6} "
+        f"{'s/step':>7} {'samples/s':>9} {'x speed':>8} {'floor MiB':>9} {'x floor':>7} "
+        f"{'peak/floor':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['label']:<18} {r['params_held']:>13,} {r['param_bytes'] / 2**20:>10.1f} "
+            f"{r['label']:<20} {r['params_held']:>13,} {r['param_bytes'] / 2**20:>10.1f} "
             f"{r['peak_mib']:>9,.1f} {r.get('memory_vs_lora_full', float('nan')):>6.3f} "
             f"{r['seconds_per_step']:>7.2f} {r['samples_per_second']:>9.3f} "
             f"{r.get('speed_vs_lora_full', float('nan')):>8.3f} {r['floor_mib']:>9,.1f} "
-            f"{r['peak_vs_floor']:>7.2f}"
+            f"{r.get('floor_vs_lora_full', float('nan')):>7.3f} {r['peak_vs_floor']:>10.2f}"
         )
     keys = ("weights", "trainable_state", "activations", "logits_loss", "runtime")
-    head2 = f"{'breakdown (MiB)':<18} " + " ".join(f"{k:>15}" for k in keys)
+    head2 = f"{'breakdown (MiB)':<20} " + " ".join(f"{k:>15}" for k in keys)
     lines += ["", head2, "-" * len(head2)]
     for r in rows:
         b = r["breakdown_mib"]
-        lines.append(f"{r['label']:<18} " + " ".join(f"{b[k]:>15,.1f}" for k in keys))
+        lines.append(f"{r['label']:<20} " + " ".join(f"{b[k]:>15,.1f}" for k in keys))
     return "\n".join(lines)
 
 
@@ -316,6 +332,7 @@ def _ratios(rows: list[dict]) -> None:
         if ref:
             r["memory_vs_lora_full"] = round(r["peak_mib"] / ref["peak_mib"], 4)
             r["speed_vs_lora_full"] = round(r["samples_per_second"] / ref["samples_per_second"], 4)
+            r["floor_vs_lora_full"] = round(r["floor_mib"] / ref["floor_mib"], 4)
         stock = by.get(r["arm"] + "@stock")
         if stock and stock is not r:
             r["memory_vs_stock"] = round(r["peak_mib"] / stock["peak_mib"], 4)
@@ -333,7 +350,7 @@ def _targets(rows: list[dict]) -> list[dict]:
         v = r[key]
         out.append({"target": label, "value": v, "holds": v <= bound if op == "<=" else v >= bound})
     for r in rows:
-        if "memory_vs_stock" in r:
+        if "memory_vs_stock" in r and r["label"] == r["arm"]:
             v = r["memory_vs_stock"]
             out.append(
                 {
@@ -375,11 +392,14 @@ def main(argv: list[str] | None = None) -> int:
         help="train.attn_implementation",
     )
     ap.add_argument(
-        "--compare-stock",
-        action="store_true",
-        help="also run every arm with the stock settings (full-logits loss, no checkpointing, "
-        "sdpa) and report each arm's memory against its stock run",
+        "--also",
+        default="",
+        help="comma-separated settings to run every arm with as well, in the same run: stock "
+        "(full-logits loss, no checkpointing: each arm's memory is also reported against it), "
+        "loss_only (the --loss-chunk loss, no checkpointing), ckpt_only (checkpointing, stock "
+        "loss)",
     )
+    ap.add_argument("--compare-stock", action="store_true", help="the same as --also stock")
     ap.add_argument("--work", default=None, help="where the prepared models live (default: temp)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -417,8 +437,18 @@ def main(argv: list[str] | None = None) -> int:
         "grad_checkpointing": a.grad_checkpointing,
         "attn_implementation": a.attn_implementation,
     }
-    stock = {"loss_chunk": 0, "grad_checkpointing": False, "attn_implementation": "sdpa"}
-    settings = [("", chosen)] + ([("@stock", stock)] if a.compare_stock else [])
+    presets = {
+        "stock": {"loss_chunk": 0, "grad_checkpointing": False},
+        "loss_only": {"loss_chunk": a.loss_chunk or 256, "grad_checkpointing": False},
+        "ckpt_only": {"loss_chunk": 0, "grad_checkpointing": True},
+    }
+    also = [x for x in a.also.split(",") if x] + (["stock"] if a.compare_stock else [])
+    bad = [x for x in also if x not in presets]
+    if bad:
+        ap.error(f"unknown --also setting(s) {bad}; choose from {', '.join(presets)}")
+    settings = [("", chosen)] + [
+        (f"@{name}", {**chosen, **presets[name]}) for name in dict.fromkeys(also)
+    ]
     rows = []
     for suffix, opts in settings:
         for arm in arms:

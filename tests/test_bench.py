@@ -79,7 +79,7 @@ def test_analytic_floor_counts_weights_state_and_one_chunk():
 def test_ratios_and_targets():
     def row(label, peak, sps):
         return {"label": label, "arm": label.split("@")[0], "peak_mib": peak,
-                "samples_per_second": sps}  # fmt: skip
+                "samples_per_second": sps, "floor_mib": peak / 4}  # fmt: skip
 
     rows = [row("lora_full", 100.0, 1.0), row("loram_stru", 50.0, 1.6),
             row("lora_full@stock", 200.0, 1.0), row("loram_stru@stock", 150.0, 1.3)]  # fmt: skip

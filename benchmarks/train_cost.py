@@ -287,6 +287,44 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
     }
 
 
+def analytic_arms(
+    config, ratio: float, micro: int, seq_len: int, dtype_bytes: int, p
+) -> dict[str, dict]:
+    """The floor of each arm from a config alone (meta models, no weights): frozen weight bytes
+    (NF4 projections at 0.5 B + one 8-bit absmax per 64 weights, the rest in the base dtype, as
+    :func:`loram.quant.quantize_nf4` holds them), LoRA state and the activation floor of
+    :func:`_analytic`. For models too large to train here."""
+    from torch import nn
+
+    from loram.memory import decoder_layers, pruned_meta_model
+
+    n_tokens = micro * seq_len
+    out = {}
+    for arm, method, nf4 in (("lora_full", "none", False), ("loram_stru", "structured", False),
+                             ("qloram_stru", "structured", True)):  # fmt: skip
+        model, _ = pruned_meta_model(config, method, ratio if method != "none" else 0.0)
+        projections = [
+            m
+            for layer in decoder_layers(model)
+            for m in layer.modules()
+            if isinstance(m, nn.Linear) and m.weight.shape.numel() > 0
+        ]
+        proj = sum(m.weight.numel() for m in projections)
+        total = sum(q.numel() for q in model.parameters())
+        if nf4:
+            weights = (total - proj) * dtype_bytes + proj // 2 + proj // 64
+        else:
+            weights = total * dtype_bytes
+        lora = sum(p.r * (m.in_features + m.out_features) for m in projections)
+        ana = _analytic(model.config, p, n_tokens, micro, dtype_bytes, lora)
+        floor = weights + ana["trainable_state"] + ana["floor_activations"]
+        out[arm] = {"params_held": total, "param_bytes": weights, "lora_params": lora,
+                    "floor_mib": round(floor / 2**20, 1)}  # fmt: skip
+    for r in out.values():
+        r["floor_vs_lora_full"] = round(r["floor_mib"] / out["lora_full"]["floor_mib"], 4)
+    return out
+
+
 # ------------------------------------------------------------------------------- parent
 
 TARGETS = (
@@ -400,6 +438,16 @@ def main(argv: list[str] | None = None) -> int:
         "loss)",
     )
     ap.add_argument("--compare-stock", action="store_true", help="the same as --also stock")
+    ap.add_argument(
+        "--analytic",
+        default=None,
+        metavar="CONFIG",
+        help="only print the analytic floor of each arm for this config (a model dir or a "
+        "loram memory config name): no model is loaded",
+    )
+    ap.add_argument(
+        "--dtype-bytes", type=int, default=4, help="--analytic: bytes per base weight (4: fp32)"
+    )
     ap.add_argument("--work", default=None, help="where the prepared models live (default: temp)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -412,6 +460,24 @@ def main(argv: list[str] | None = None) -> int:
         opts = json.loads(a.opts)
         res = run_arm(a.child, Path(a.work), a.steps, a.micro_batch, a.seq_len, opts)
         print("RESULT " + json.dumps(res))
+        return 0
+    if a.analytic:
+        from loram.memory import load_config
+
+        p = TrainParams(loss_chunk=a.loss_chunk, grad_checkpointing=a.grad_checkpointing)
+        res = analytic_arms(
+            load_config(a.analytic), a.ratio, a.micro_batch, a.seq_len, a.dtype_bytes, p
+        )
+        print(f"analytic floors: {a.analytic}, ratio {a.ratio}, {a.micro_batch} x {a.seq_len}, "
+              f"{a.dtype_bytes} B weights")  # fmt: skip
+        for arm, r in res.items():
+            print(f"{arm:<12} params {r['params_held']:>14,}  weights "
+                  f"{r['param_bytes'] / 2**20:>10,.1f} MiB  floor {r['floor_mib']:>10,.1f} MiB  "
+                  f"x {r['floor_vs_lora_full']:.3f}")  # fmt: skip
+        if a.out:
+            from loram.fsio import atomic_write_json
+
+            atomic_write_json(a.out, {"config": a.analytic, "ratio": a.ratio, "arms": res})
         return 0
     arms = [x for x in a.arms.split(",") if x]
     if a.small_model and "lora_small" not in arms:

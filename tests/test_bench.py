@@ -147,3 +147,21 @@ def test_train_cost_benchmark_compares_with_stock_settings(tmp_path):
         assert "memory_vs_stock" in arms[a]
     assert any(t["target"].startswith("absolute") for t in res["targets"])
     assert "HOLDS" in stdout or "MISSES" in stdout
+
+
+def test_analytic_floors_from_a_config_alone():
+    """--analytic: meta models only; pruned arms hold what loram memory counts, NF4 fewer
+    bytes for the same parameters, floors ordered as the weights."""
+    from loram.memory import memory_report
+
+    cfg = tiny_llama(layers=8).config
+    p = TrainParams(loss_chunk=16)
+    res = train_cost.analytic_arms(cfg, 0.65, 2, 32, 4, p)
+    full, stru, q = res["lora_full"], res["loram_stru"], res["qloram_stru"]
+    assert full["params_held"] == memory_report(cfg, "none", precision="fp32").held_params
+    assert stru["params_held"] == memory_report(cfg, "structured", 0.65, "fp32").held_params
+    assert q["params_held"] == stru["params_held"] and q["param_bytes"] < stru["param_bytes"]
+    assert full["param_bytes"] == 4 * full["params_held"]
+    assert q["floor_mib"] < stru["floor_mib"] < full["floor_mib"]
+    assert full["floor_vs_lora_full"] == 1.0
+    assert stru["lora_params"] < full["lora_params"]

@@ -448,6 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dtype-bytes", type=int, default=4, help="--analytic: bytes per base weight (4: fp32)"
     )
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="CPU: run the arms with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (tensors above it are "
+        "mapped and returned to the OS when freed, instead of staying in the heap's RSS)",
+    )
     ap.add_argument("--work", default=None, help="where the prepared models live (default: temp)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -515,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = [("", chosen)] + [
         (f"@{name}", {**chosen, **presets[name]}) for name in dict.fromkeys(also)
     ]
+    env = dict(os.environ)
+    if a.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
     rows = []
     for suffix, opts in settings:
         for arm in arms:
@@ -522,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             out = subprocess.run(
                 [*me, "--child", arm, *common, "--steps", str(a.steps), "--micro-batch",
                  str(a.micro_batch), "--seq-len", str(a.seq_len), "--opts", json.dumps(opts)],
-                capture_output=True, text=True,
+                capture_output=True, text=True, env=env,
             )  # fmt: skip
             if out.returncode != 0:
                 sys.stderr.write(out.stderr[-4000:])
@@ -552,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": stamp,
             "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "options": chosen,
+            "mmap_threshold": a.mmap_threshold,
             "arms": {r["label"]: {k: v for k, v in r.items() if k != "label"} for r in rows},
             "targets": targets,
         }

@@ -467,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         opts = json.loads(a.opts)
         res = run_arm(a.child, Path(a.work), a.steps, a.micro_batch, a.seq_len, opts)
+        # also kept under --work: an interrupted run still leaves the arms it measured
+        from loram.fsio import atomic_write_json
+
+        label = a.child + "".join(f"-{k}={v}" for k, v in sorted(opts.items()))
+        (Path(a.work) / "results").mkdir(exist_ok=True)
+        atomic_write_json(Path(a.work) / "results" / f"{label}.json", res)
         print("RESULT " + json.dumps(res))
         return 0
     if a.analytic:

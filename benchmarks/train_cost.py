@@ -16,7 +16,9 @@ Pruned models are prepared once, in their own process, under ``--work``.
 
     python benchmarks/train_cost.py                        # embedded SmolLM2-135M, 4 x 512
     python benchmarks/train_cost.py --model tiny-llama --steps 3 --seq-len 128
-    python benchmarks/train_cost.py --out metrics/bench/train_cost.json
+    python benchmarks/train_cost.py --out reports/train_cost.json --also stock   # + stock runs
+    python benchmarks/train_cost.py --loss-chunk 0 --no-grad-checkpointing      # other options
+    python benchmarks/train_cost.py --analytic path/to/model_dir --ratio 0.85   # floors only
 
 Writes the JSON that ``dvc metrics show`` reads (``--out``) and prints a table.
 """

@@ -16,7 +16,9 @@ Pruned models are prepared once, in their own process, under ``--work``.
 
     python benchmarks/train_cost.py                        # embedded SmolLM2-135M, 4 x 512
     python benchmarks/train_cost.py --model tiny-llama --steps 3 --seq-len 128
-    python benchmarks/train_cost.py --out metrics/bench/train_cost.json
+    python benchmarks/train_cost.py --out reports/train_cost.json --also stock   # + stock runs
+    python benchmarks/train_cost.py --loss-chunk 0 --no-grad-checkpointing      # other options
+    python benchmarks/train_cost.py --analytic path/to/model_dir --ratio 0.85   # floors only
 
 Writes the JSON that ``dvc metrics show`` reads (``--out``) and prints a table.
 """
@@ -35,7 +37,13 @@ import time
 from pathlib import Path
 
 ARMS = ("lora_full", "loram_rand", "loram_stru", "qloram_stru")
-SOURCE = {"lora_full": "base", "loram_rand": "rand", "loram_stru": "stru", "qloram_stru": "stru"}
+SOURCE = {
+    "lora_full": "base",
+    "loram_rand": "rand",
+    "loram_stru": "stru",
+    "qloram_stru": "stru",
+    "lora_small": "small",
+}
 
 
 def _rss_bytes() -> int:
@@ -64,8 +72,9 @@ def _blocks(tokenizer, n: int, seq_len: int) -> list[dict]:
 # ------------------------------------------------------------------------------- children
 
 
-def prepare(model: str, work: Path, ratio: float) -> None:
-    """Base model dir, and the random- and Taylor-pruned models, under ``work``."""
+def prepare(model: str, work: Path, ratio: float, small: str | None = None) -> None:
+    """Base model dir, the random- and Taylor-pruned models (and the smaller model) under
+    ``work``."""
     import torch
 
     from loram.models import load_hf_model, load_model, load_tokenizer, save_model_dir
@@ -78,6 +87,9 @@ def prepare(model: str, work: Path, ratio: float) -> None:
     if not base.is_dir():
         m, tok = load_model(model)
         save_model_dir(m, tok, base, command="base")
+    if small and not (work / "small").is_dir():
+        m, tok = load_model(small)
+        save_model_dir(m, tok, work / "small", command="base")
     tok = load_tokenizer(base)
     for name, crit in (("rand", "random"), ("stru", "taylor")):
         if (work / name).is_dir():
@@ -96,19 +108,97 @@ def prepare(model: str, work: Path, ratio: float) -> None:
         save_pruned(m, manifest, work / name, tokenizer=tok, command="prune")
 
 
-def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int) -> dict:
+def _saved_activation_bytes(model, batch, device, chunk: int) -> tuple[int, int]:
+    """Bytes autograd keeps for the backward pass of one micro-batch (forward + backward run
+    once, gradients then dropped): ``(activations, logits)``, the latter the saved tensors whose
+    last dimension is the vocabulary. Parameters are not counted; storages are counted once.
+    Inside checkpointed regions (decoder layers with grad checkpointing, loss chunks) torch's
+    own hooks keep nothing but the region's inputs: those are counted by :func:`_analytic`."""
+    import torch
+
+    from loram.loss import batch_loss
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, tuple[int, bool]] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = (t.untyped_storage().nbytes(), t.dim() > 0 and t.shape[-1] == vocab)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = batch_loss(model, batch, device, chunk)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    acts = sum(b for b, is_logits in seen.values() if not is_logits)
+    logits = sum(b for b, is_logits in seen.values() if is_logits)
+    return acts, logits
+
+
+def _analytic(cfg, p, n_tokens: int, micro: int, act_bytes: int, trainable: int) -> dict:
+    """Analytic sizes (bytes) of what training must hold besides the frozen weights.
+
+    * ``trainable_state``: LoRA weights, their gradients and AdamW's two moments (fp32): 16 B
+      per trainable parameter;
+    * ``layer_inputs``: with grad checkpointing, each decoder layer's input is kept
+      (layers x tokens x hidden x dtype bytes);
+    * ``loss_transient``: the fp32 scores the loss needs at once: logits, their softmax and its
+      gradient, over every position (stock loss) or one chunk (chunked loss);
+    * ``floor``: the limit for the setting: weights + trainable state + what activations any
+      backward needs (checkpointed layer inputs, one layer's activations recomputed, one loss
+      chunk): nothing that a better implementation of the same training could drop.
+    """
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    vocab = cfg.vocab_size
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or h // heads
+    b = act_bytes
+    layer_in = layers * n_tokens * h * b
+    # one layer's forward intermediates (norms, q/k/v/o, attention output, gate/up/act/product),
+    # the LoRA inputs (dropout copies of 7 projection inputs) and the residual stream
+    one_layer = n_tokens * b * (4 * h + 2 * (heads * hd + 2 * kv * hd) + 4 * inter + 7 * h)
+    chunk_rows = n_tokens if not p.loss_chunk else min(p.loss_chunk, n_tokens)
+    loss_transient = 3 * chunk_rows * vocab * 4
+    floor_chunk = min(256, n_tokens)
+    return {
+        "trainable_state": 16 * trainable,
+        "layer_inputs": layer_in if p.grad_checkpointing else 0,
+        "loss_transient": loss_transient,
+        "floor_activations": layer_in + one_layer + 3 * floor_chunk * vocab * 4,
+    }
+
+
+def _import_libraries() -> None:
+    """Import everything an arm's training imports (peft, bitsandbytes, the model classes), so
+    that the RSS of library code is in every arm's pre-load RSS rather than in some arms' peaks
+    (bitsandbytes, imported only by the NF4 arm, is a few hundred MiB on CPU)."""
+    import importlib
+
+    for name in ("peft", "bitsandbytes", "transformers.models.llama.modeling_llama",
+                 "transformers.models.qwen2.modeling_qwen2", "safetensors.torch"):  # fmt: skip
+        try:
+            importlib.import_module(name)
+        except ImportError:  # pragma: no cover - optional (bitsandbytes: the quant extra)
+            pass
+
+
+def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: dict) -> dict:
     import torch
 
     from loram.config import TrainParams
+    from loram.data import collate
     from loram.models import default_device, load_hf_model, load_tokenizer
-    from loram.quant import parameter_bytes, quantize_nf4
-    from loram.train import lora_config
+    from loram.quant import parameter_bytes
+    from loram.train import attn_implementation, prepare_lora_model
     from loram.trainloop import train_loop
 
     src = work / SOURCE[arm]
     tok = load_tokenizer(src)
     blocks = _blocks(tok, steps * micro, seq_len)
     device = default_device()
+    _import_libraries()  # library code is not the arm's memory: loaded before rss0
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -127,16 +217,16 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int) -> dict:
         save_every=steps,
         eval_every=steps,
         quantize="nf4" if arm.startswith("qloram") else "none",
+        **opts,
     )
-    if p.quantize == "nf4":
-        model = quantize_nf4(model, device=device)
-    model.to(device)
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, lora_config(p))
+    peft_model = prepare_lora_model(model, p, device)
     mem = parameter_bytes(peft_model)
+    trainable = peft_model.get_nb_trainable_parameters()[0]
+    pad = tok.pad_token_id or 0
+    peft_model.train()
+    acts, logits = _saved_activation_bytes(
+        peft_model, collate(blocks[:micro], pad), device, p.loss_chunk
+    )
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as ckpt:
         t0 = time.perf_counter()
@@ -146,7 +236,7 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int) -> dict:
             [],
             p,
             ckpt,
-            tok.pad_token_id or 0,
+            pad,
             after_step=lambda: stamps.append(time.perf_counter()),
             desc=arm,
         )
@@ -159,16 +249,39 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int) -> dict:
         if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     )
-    trainable = peft_model.get_nb_trainable_parameters()[0]
+    cfg = peft_model.get_base_model().config
+    act_dtype = next(x for x in peft_model.parameters() if x.is_floating_point()).dtype
+    ana = _analytic(cfg, p, micro * seq_len, micro, torch.finfo(act_dtype).bits // 8, trainable)
+    weights = mem["base_bytes"] + mem["quantized_bytes"]
+    saved = acts + ana["layer_inputs"]
+    # what the peak holds besides weights, trainable state and saved activations: transient
+    # tensors of the backward pass (the loss's among them), recomputation, allocator and
+    # library overhead
+    runtime = peak - weights - ana["trainable_state"] - saved - logits
+    floor = weights + ana["trainable_state"] + ana["floor_activations"]
+    mib = 2**20
     return {
         "arm": arm,
         "params_held": mem["params"] - trainable,
-        "param_bytes": mem["base_bytes"] + mem["quantized_bytes"],
+        "param_bytes": weights,
         "lora_params": trainable,
-        "peak_mib": round(peak / 2**20, 1),
+        "peak_mib": round(peak / mib, 1),
         "peak_kind": "cuda max_memory_allocated" if cuda else "peak RSS above pre-load RSS",
         "seconds_per_step": round(per_step, 3),
         "samples_per_second": round(micro / per_step, 3),
+        "breakdown_mib": {
+            "weights": round(weights / mib, 1),
+            "trainable_state": round(ana["trainable_state"] / mib, 1),
+            "activations": round(saved / mib, 1),
+            "logits_loss": round(logits / mib, 1),
+            "loss_transient_est": round(ana["loss_transient"] / mib, 1),
+            "runtime": round(runtime / mib, 1),
+        },
+        "floor_mib": round(floor / mib, 1),
+        "peak_vs_floor": round(peak / floor, 3),
+        "loss_chunk": p.loss_chunk,
+        "grad_checkpointing": p.grad_checkpointing,
+        "attn_implementation": attn_implementation(peft_model),
         "steps": steps,
         "micro_batch": micro,
         "seq_len": seq_len,
@@ -176,92 +289,291 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int) -> dict:
     }
 
 
+def analytic_arms(
+    config, ratio: float, micro: int, seq_len: int, dtype_bytes: int, p
+) -> dict[str, dict]:
+    """The floor of each arm from a config alone (meta models, no weights): frozen weight bytes
+    (NF4 projections at 0.5 B + one 8-bit absmax per 64 weights, the rest in the base dtype, as
+    :func:`loram.quant.quantize_nf4` holds them), LoRA state and the activation floor of
+    :func:`_analytic`. For models too large to train here."""
+    from torch import nn
+
+    from loram.memory import decoder_layers, pruned_meta_model
+
+    n_tokens = micro * seq_len
+    out = {}
+    for arm, method, nf4 in (("lora_full", "none", False), ("loram_stru", "structured", False),
+                             ("qloram_stru", "structured", True)):  # fmt: skip
+        model, _ = pruned_meta_model(config, method, ratio if method != "none" else 0.0)
+        projections = [
+            m
+            for layer in decoder_layers(model)
+            for m in layer.modules()
+            if isinstance(m, nn.Linear) and m.weight.shape.numel() > 0
+        ]
+        proj = sum(m.weight.numel() for m in projections)
+        total = sum(q.numel() for q in model.parameters())
+        if nf4:
+            weights = (total - proj) * dtype_bytes + proj // 2 + proj // 64
+        else:
+            weights = total * dtype_bytes
+        lora = sum(p.r * (m.in_features + m.out_features) for m in projections)
+        ana = _analytic(model.config, p, n_tokens, micro, dtype_bytes, lora)
+        floor = weights + ana["trainable_state"] + ana["floor_activations"]
+        out[arm] = {"params_held": total, "param_bytes": weights, "lora_params": lora,
+                    "floor_mib": round(floor / 2**20, 1)}  # fmt: skip
+    for r in out.values():
+        r["floor_vs_lora_full"] = round(r["floor_mib"] / out["lora_full"]["floor_mib"], 4)
+    return out
+
+
 # ------------------------------------------------------------------------------- parent
+
+TARGETS = (
+    # (label, arm, quantity, comparison, bound)
+    ("ratio: LoRAM-Stru memory <= 0.55x LoRA-full", "loram_stru", "mem", "<=", 0.55),
+    ("throughput: LoRAM-Stru samples/s >= 1.5x LoRA-full", "loram_stru", "speed", ">=", 1.5),
+    ("QLoRAM-Stru memory <= 0.35x LoRA-full (paper setting: 1.5B, ratio 0.85)",
+     "qloram_stru", "mem", "<=", 0.35),
+)  # fmt: skip
+ABSOLUTE = 0.70  # every arm's peak at most 70% of the same arm's with the stock settings
 
 
 def _table(rows: list[dict]) -> str:
-    ref = next((r for r in rows if r["arm"] == "lora_full"), rows[0])
     head = (
-        f"{'arm':<12} {'params held':>13} {'param MiB':>10} {'peak MiB':>9} {'x mem':>6} "
-        f"{'s/step':>7} {'samples/s':>9} {'x speed':>8}"
+        f"{'arm':<20} {'params held':>13} {'param MiB':>10} {'peak MiB':>9} {'x mem':>6} "
+        f"{'s/step':>7} {'samples/s':>9} {'x speed':>8} {'floor MiB':>9} {'x floor':>7} "
+        f"{'peak/floor':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['arm']:<12} {r['params_held']:>13,} {r['param_bytes'] / 2**20:>10.1f} "
-            f"{r['peak_mib']:>9,.1f} {r['peak_mib'] / ref['peak_mib']:>6.3f} "
+            f"{r['label']:<20} {r['params_held']:>13,} {r['param_bytes'] / 2**20:>10.1f} "
+            f"{r['peak_mib']:>9,.1f} {r.get('memory_vs_lora_full', float('nan')):>6.3f} "
             f"{r['seconds_per_step']:>7.2f} {r['samples_per_second']:>9.3f} "
-            f"{r['samples_per_second'] / ref['samples_per_second']:>8.3f}"
+            f"{r.get('speed_vs_lora_full', float('nan')):>8.3f} {r['floor_mib']:>9,.1f} "
+            f"{r.get('floor_vs_lora_full', float('nan')):>7.3f} {r['peak_vs_floor']:>10.2f}"
         )
+    keys = ("weights", "trainable_state", "activations", "logits_loss", "runtime")
+    head2 = f"{'breakdown (MiB)':<20} " + " ".join(f"{k:>15}" for k in keys)
+    lines += ["", head2, "-" * len(head2)]
+    for r in rows:
+        b = r["breakdown_mib"]
+        lines.append(f"{r['label']:<20} " + " ".join(f"{b[k]:>15,.1f}" for k in keys))
     return "\n".join(lines)
 
 
+def _ratios(rows: list[dict]) -> None:
+    """memory / speed vs lora_full of the same settings, and vs the same arm's stock run."""
+    by = {r["label"]: r for r in rows}
+    for r in rows:
+        suffix = r["label"][len(r["arm"]) :]
+        ref = by.get("lora_full" + suffix)
+        if ref:
+            r["memory_vs_lora_full"] = round(r["peak_mib"] / ref["peak_mib"], 4)
+            r["speed_vs_lora_full"] = round(r["samples_per_second"] / ref["samples_per_second"], 4)
+            r["floor_vs_lora_full"] = round(r["floor_mib"] / ref["floor_mib"], 4)
+        stock = by.get(r["arm"] + "@stock")
+        if stock and stock is not r:
+            r["memory_vs_stock"] = round(r["peak_mib"] / stock["peak_mib"], 4)
+            r["speed_vs_stock"] = round(r["samples_per_second"] / stock["samples_per_second"], 4)
+
+
+def _targets(rows: list[dict]) -> list[dict]:
+    by = {r["label"]: r for r in rows}
+    out = []
+    for label, arm, qty, op, bound in TARGETS:
+        r = by.get(arm)
+        key = "memory_vs_lora_full" if qty == "mem" else "speed_vs_lora_full"
+        if r is None or key not in r:
+            continue
+        v = r[key]
+        out.append({"target": label, "value": v, "holds": v <= bound if op == "<=" else v >= bound})
+    for r in rows:
+        if "memory_vs_stock" in r and r["label"] == r["arm"]:
+            v = r["memory_vs_stock"]
+            out.append(
+                {
+                    "target": f"absolute: {r['arm']} memory <= {ABSOLUTE}x its stock run",
+                    "value": v,
+                    "holds": v <= ABSOLUTE,
+                }
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    from loram.config import TrainParams
+
+    d = TrainParams()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or model dir")
+    ap.add_argument(
+        "--small-model", default=None, help="also LoRA on this smaller model (arm lora_small)"
+    )
     ap.add_argument("--ratio", type=float, default=0.65)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument(
+        "--loss-chunk", type=int, default=d.loss_chunk, help="train.loss_chunk (0: stock loss)"
+    )
+    ap.add_argument(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=d.grad_checkpointing,
+        help="train.grad_checkpointing",
+    )
+    ap.add_argument(
+        "--attn-implementation",
+        choices=("sdpa", "eager"),
+        default=d.attn_implementation,
+        help="train.attn_implementation",
+    )
+    ap.add_argument(
+        "--also",
+        default="",
+        help="comma-separated settings to run every arm with as well, in the same run: stock "
+        "(full-logits loss, no checkpointing: each arm's memory is also reported against it), "
+        "loss_only (the --loss-chunk loss, no checkpointing), ckpt_only (checkpointing, stock "
+        "loss)",
+    )
+    ap.add_argument("--compare-stock", action="store_true", help="the same as --also stock")
+    ap.add_argument(
+        "--analytic",
+        default=None,
+        metavar="CONFIG",
+        help="only print the analytic floor of each arm for this config (a model dir or a "
+        "loram memory config name): no model is loaded",
+    )
+    ap.add_argument(
+        "--dtype-bytes", type=int, default=4, help="--analytic: bytes per base weight (4: fp32)"
+    )
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="CPU: run the arms with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (tensors above it are "
+        "mapped and returned to the OS when freed, instead of staying in the heap's RSS)",
+    )
     ap.add_argument("--work", default=None, help="where the prepared models live (default: temp)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--opts", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child == "prepare":
-        prepare(a.model, Path(a.work), a.ratio)
+        prepare(a.model, Path(a.work), a.ratio, a.small_model)
         return 0
     if a.child:
-        print(
-            "RESULT "
-            + json.dumps(run_arm(a.child, Path(a.work), a.steps, a.micro_batch, a.seq_len))
+        opts = json.loads(a.opts)
+        res = run_arm(a.child, Path(a.work), a.steps, a.micro_batch, a.seq_len, opts)
+        # also kept under --work: an interrupted run still leaves the arms it measured
+        from loram.fsio import atomic_write_json
+
+        label = a.child + "".join(f"-{k}={v}" for k, v in sorted(opts.items()))
+        (Path(a.work) / "results").mkdir(exist_ok=True)
+        atomic_write_json(Path(a.work) / "results" / f"{label}.json", res)
+        print("RESULT " + json.dumps(res))
+        return 0
+    if a.analytic:
+        from loram.memory import load_config
+
+        p = TrainParams(loss_chunk=a.loss_chunk, grad_checkpointing=a.grad_checkpointing)
+        res = analytic_arms(
+            load_config(a.analytic), a.ratio, a.micro_batch, a.seq_len, a.dtype_bytes, p
         )
+        print(f"analytic floors: {a.analytic}, ratio {a.ratio}, {a.micro_batch} x {a.seq_len}, "
+              f"{a.dtype_bytes} B weights")  # fmt: skip
+        for arm, r in res.items():
+            print(f"{arm:<12} params {r['params_held']:>14,}  weights "
+                  f"{r['param_bytes'] / 2**20:>10,.1f} MiB  floor {r['floor_mib']:>10,.1f} MiB  "
+                  f"x {r['floor_vs_lora_full']:.3f}")  # fmt: skip
+        if a.out:
+            from loram.fsio import atomic_write_json
+
+            atomic_write_json(a.out, {"config": a.analytic, "ratio": a.ratio, "arms": res})
         return 0
     arms = [x for x in a.arms.split(",") if x]
-    bad = [x for x in arms if x not in ARMS]
+    if a.small_model and "lora_small" not in arms:
+        arms.append("lora_small")
+    bad = [x for x in arms if x not in ARMS + ("lora_small",)]
     if bad:
-        ap.error(f"unknown arm(s) {bad}; choose from {', '.join(ARMS)}")
+        ap.error(f"unknown arm(s) {bad}; choose from {', '.join(ARMS)}, lora_small")
+    if "lora_small" in arms and not a.small_model:
+        ap.error("arm lora_small needs --small-model")
+    if a.loss_chunk < 0:
+        ap.error(f"--loss-chunk must be >= 0, got {a.loss_chunk}")
     tmp = None if a.work else tempfile.TemporaryDirectory(prefix="loram-bench-")
     work = Path(a.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     me = [sys.executable, os.path.abspath(__file__)]
     common = ["--work", str(work), "--model", a.model, "--ratio", str(a.ratio)]
+    if a.small_model:
+        common += ["--small-model", a.small_model]
     print(f"preparing the base and the pruned models under {work} ...", flush=True)
     subprocess.run([*me, "--child", "prepare", *common], check=True)
+    chosen = {
+        "loss_chunk": a.loss_chunk,
+        "grad_checkpointing": a.grad_checkpointing,
+        "attn_implementation": a.attn_implementation,
+    }
+    presets = {
+        "stock": {"loss_chunk": 0, "grad_checkpointing": False},
+        "loss_only": {"loss_chunk": a.loss_chunk or 256, "grad_checkpointing": False},
+        "ckpt_only": {"loss_chunk": 0, "grad_checkpointing": True},
+    }
+    also = [x for x in a.also.split(",") if x] + (["stock"] if a.compare_stock else [])
+    bad = [x for x in also if x not in presets]
+    if bad:
+        ap.error(f"unknown --also setting(s) {bad}; choose from {', '.join(presets)}")
+    settings = [("", chosen)] + [
+        (f"@{name}", {**chosen, **presets[name]}) for name in dict.fromkeys(also)
+    ]
+    env = dict(os.environ)
+    if a.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
     rows = []
-    for arm in arms:
-        print(f"arm {arm} ...", flush=True)
-        out = subprocess.run(
-            [*me, "--child", arm, *common, "--steps", str(a.steps), "--micro-batch",
-             str(a.micro_batch), "--seq-len", str(a.seq_len)],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
-        rows.append(json.loads(line[len("RESULT ") :]))
+    for suffix, opts in settings:
+        for arm in arms:
+            print(f"arm {arm}{suffix} {opts} ...", flush=True)
+            out = subprocess.run(
+                [*me, "--child", arm, *common, "--steps", str(a.steps), "--micro-batch",
+                 str(a.micro_batch), "--seq-len", str(a.seq_len), "--opts", json.dumps(opts)],
+                capture_output=True, text=True, env=env,
+            )  # fmt: skip
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr[-4000:])
+                raise SystemExit(f"arm {arm}{suffix} failed (exit {out.returncode})")
+            line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+            rows.append({**json.loads(line[len("RESULT ") :]), "label": arm + suffix})
+    _ratios(rows)
+    targets = _targets(rows)
+    import platform
+
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"\n{a.model}, ratio {a.ratio}, micro-batch {a.micro_batch} x {a.seq_len} tokens, "
+          f"{a.steps} steps; {stamp}; {platform.machine()} {os.cpu_count()} cores; options "
+          f"{chosen}")  # fmt: skip
     print(_table(rows))
+    if targets:
+        print()
+        for t in targets:
+            print(f"{'HOLDS' if t['holds'] else 'MISSES'}  {t['target']}: {t['value']:.3f}")
     if a.out:
         from loram.fsio import atomic_write_json
 
-        ref = next((r for r in rows if r["arm"] == "lora_full"), None)
         result = {
             "model": a.model,
+            "small_model": a.small_model,
             "ratio": a.ratio,
-            "arms": {
-                r["arm"]: {
-                    **{k: v for k, v in r.items() if k != "arm"},
-                    **(
-                        {
-                            "memory_vs_lora_full": round(r["peak_mib"] / ref["peak_mib"], 4),
-                            "speed_vs_lora_full": round(
-                                r["samples_per_second"] / ref["samples_per_second"], 4
-                            ),
-                        }
-                        if ref
-                        else {}
-                    ),
-                }
-                for r in rows
-            },
+            "date": stamp,
+            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "options": chosen,
+            "mmap_threshold": a.mmap_threshold,
+            "arms": {r["label"]: {k: v for k, v in r.items() if k != "label"} for r in rows},
+            "targets": targets,
         }
         atomic_write_json(a.out, result)
         print(f"wrote {a.out}")

@@ -352,6 +352,24 @@ _PRECISION = "auto: bf16 autocast on a GPU with bf16, else fp32 | fp32 | bf16 (a
 Sharding = Literal["none", "fsdp"]
 Precision = Literal["auto", "fp32", "bf16"]
 
+# Training-cost options shared by alignment and LoRA training (benchmarks/train_cost.py measures
+# each; README "Training cost").
+_LOSS_CHUNK = (
+    "Tokens per chunk of the vocabulary projection + cross-entropy, each chunk checkpointed so "
+    "the full fp32 logits of a batch never exist (0: the stock loss over the full logits)."
+)
+_GRAD_CKPT = (
+    "Activation checkpointing of the decoder layers (non-reentrant): the backward pass "
+    "recomputes each layer's forward instead of keeping its activations."
+)
+_ATTN = (
+    "Attention kernel: sdpa (torch scaled_dot_product_attention; fused kernels that keep no "
+    "score matrix when they apply) or eager (materialises every layer's score matrices)."
+)
+AttnImplementation = Literal["sdpa", "eager"]
+LOSS_CHUNK_DEFAULT = 256
+GRAD_CKPT_DEFAULT = True
+
 
 class AlignParams(_Params):
     enabled: bool = True
@@ -379,6 +397,9 @@ class AlignParams(_Params):
     processes: int = Field(1, ge=1, description=_PROCESSES)
     sharding: Sharding = Field("none", description=_SHARDING)
     precision: Precision = Field("auto", description=_PRECISION)
+    loss_chunk: int = Field(LOSS_CHUNK_DEFAULT, ge=0, description=_LOSS_CHUNK)
+    grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
+    attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
     seed: int = 0
 
 
@@ -416,6 +437,9 @@ class TrainParams(_Params):
     processes: int = Field(1, ge=1, description=_PROCESSES)
     sharding: Sharding = Field("none", description=_SHARDING)
     precision: Precision = Field("auto", description=_PRECISION)
+    loss_chunk: int = Field(LOSS_CHUNK_DEFAULT, ge=0, description=_LOSS_CHUNK)
+    grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
+    attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
     seed: int = 0
 
 

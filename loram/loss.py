@@ -1,35 +1,151 @@
-"""The training and evaluation loss: summed next-token cross-entropy over labelled tokens."""
+"""The training and evaluation loss: summed next-token cross-entropy over labelled tokens.
+
+Two implementations of the same quantity:
+
+* ``chunk=0``, the stock loss: the model's own forward computes the logits of every position of
+  the batch (``batch x seq x vocab``), which are upcast to fp32 for the cross-entropy. On a
+  49,152-token vocabulary, micro-batch 4 x 512 tokens, one fp32 copy is 403 MB and autograd
+  keeps several (logits, their fp32 upcast, the log-softmax, its gradient).
+* ``chunk=N``, the chunked loss: the model body gives the hidden states (no ``lm_head`` call on
+  the whole batch); only the positions whose next token carries a label are kept; those are
+  projected onto the vocabulary and scored ``N`` tokens at a time. With gradients, each chunk
+  runs under :func:`torch.utils.checkpoint.checkpoint`, so autograd keeps only the chunk's
+  hidden states and the backward pass recomputes its logits: at most one chunk's logits
+  (``N x vocab`` fp32, 50 MB for N = 256 on a 49,152 vocabulary) exist at any time. The
+  projection is the model's own output-embedding module (a peft ``lora.Linear`` when
+  ``train.lm_head`` adapts it), so LoRA on ``lm_head`` and tied embeddings behave as in the
+  stock forward.
+
+Both give the same loss and gradients up to float rounding (tests/test_train.py).
+"""
 
 from __future__ import annotations
 
+import logging
+from functools import partial
+
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from loram.data import collate
 
+log = logging.getLogger(__name__)
 
-def batch_loss(model, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of a collated batch and its number of scored tokens."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+# Config attributes of architectures whose forward changes the logits after lm_head (soft
+# capping, scaling): the chunked path would not reproduce them, so those models use the stock
+# loss. None of the supported families (Llama, Qwen2, Mistral, SmolLM) sets them.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+)
+
+
+def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(decoder body, output-embedding module)`` of a causal LM (or a peft model around one),
+    or None when the chunked loss cannot reproduce the model's logits.
+
+    The head is the module the model's own forward calls (``get_output_embeddings``): with peft
+    LoRA on ``lm_head`` it is the LoRA-wrapped layer, not the raw weight.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or any(
+        getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS
+    ):
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if head is None or body is None or body is base:
+        return None
+    return body, head
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 logits in fp32 for the cross-entropy (fp32 and fp64 stay as they are)."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one chunk: its logits exist only inside this call."""
+    return F.cross_entropy(_upcast(head(hidden)), labels, reduction="sum")
+
+
+def _stock_loss(model, batch: dict) -> torch.Tensor:
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
     labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+    return F.cross_entropy(
+        _upcast(logits[:, :-1]).reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )
-    return loss, int((labels != -100).sum())
+
+
+def _chunked_loss(body, head, batch: dict, chunk: int, use_checkpoint: bool = True) -> torch.Tensor:
+    hidden = body(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )[0]
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    hidden = hidden[:, :-1][keep]  # (scored tokens, hidden): position t predicts token t + 1
+    labels = labels[keep]
+    ckpt = use_checkpoint and torch.is_grad_enabled()
+    # (no labelled token: a zero that still carries the graph, as the stock loss's sum does)
+    total = _upcast(hidden).sum() * 0.0 if labels.numel() == 0 else 0.0
+    for i in range(0, labels.numel(), chunk):
+        h, y = hidden[i : i + chunk], labels[i : i + chunk]
+        if ckpt:
+            # preserve_rng_state (default): a LoRA dropout on lm_head draws the same mask again
+            # when the backward pass recomputes the chunk.
+            part = checkpoint(partial(_chunk_ce, head), h, y, use_reentrant=False)
+        else:
+            part = _chunk_ce(head, h, y)
+        total = total + part
+    return total
+
+
+def batch_loss(
+    model, batch: dict, device, chunk: int = 0, *, use_checkpoint: bool = True
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of a collated batch and its number of scored tokens.
+
+    ``chunk``: 0 = the stock loss over the model's full logits; N > 0 = the chunked loss over
+    the labelled positions, N tokens per vocabulary projection (see the module docstring).
+    Models whose forward transforms the logits after ``lm_head`` always use the stock loss.
+    ``use_checkpoint=False`` keeps every chunk's graph (for tests of the recomputation).
+    """
+    if chunk < 0:
+        raise ValueError(f"loss chunk must be >= 0 (0: the stock loss), got {chunk}")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    parts = body_and_head(model) if chunk else None
+    if chunk and parts is None:
+        log.warning("loss_chunk %d: this model transforms its logits; using the stock loss", chunk)
+    if parts is None:
+        return _stock_loss(model, batch), n
+    body, head = parts
+    return _chunked_loss(body, head, batch, chunk, use_checkpoint), n
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
-    """Mean token-level cross-entropy over ``examples`` (labels != -100)."""
+def evaluate_loss(
+    model, examples: list[dict], batch_size: int, pad_id: int, chunk: int = 0
+) -> float:
+    """Mean token-level cross-entropy over ``examples`` (labels != -100).
+
+    ``chunk`` as in :func:`batch_loss` (without gradients no chunk is recomputed; the saving
+    is the full-logits tensor of each batch)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        lp, n = batch_loss(model, collate(examples[i : i + batch_size], pad_id), device)
+        lp, n = batch_loss(model, collate(examples[i : i + batch_size], pad_id), device, chunk)
         total += lp.item()
         count += n
     model.train(was_training)

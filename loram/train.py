@@ -97,17 +97,72 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_lora(
-    model, tokenizer, train_rows, val_rows, p: TrainParams, adapter_out, ckpt_dir
-) -> dict:
-    """Wrap ``model`` with LoRA, train it, save the adapter to ``adapter_out``; return metrics."""
+def set_attn_implementation(model, impl: str) -> None:
+    """Make ``model`` (and its sub-configs) run attention with ``impl`` (sdpa | eager).
+
+    Models built from a config (pruned artifacts, tiny test models) or loaded by other code may
+    carry another choice than the stage asks for; this sets it explicitly on every config the
+    model's attention layers read.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(impl)
+    else:  # pragma: no cover - older transformers: the layers read the config at forward time
+        base.config._attn_implementation = impl
+
+
+def attn_implementation(model) -> str:
+    """The attention implementation ``model`` runs (``config._attn_implementation``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(base.config._attn_implementation)
+
+
+def setup_training(model, p: TrainParams | AlignParams) -> None:
+    """The memory options of a training stage on ``model`` (a causal LM or a peft model).
+
+    * ``attn_implementation``: set explicitly (see :func:`set_attn_implementation`);
+    * ``grad_checkpointing``: transformers' activation checkpointing of the decoder layers,
+      non-reentrant (``use_reentrant=False``): it needs no input that requires grad, so a frozen
+      base under peft LoRA works without ``enable_input_require_grads``, and it replays the
+      RNG state, so dropout draws the same masks in the recomputation. (transformers also
+      makes the embedding output require grad, as peft's ``enable_input_require_grads``.)
+
+    Nothing is written to the model's config (an aligned model saved after this generates with
+    its KV cache as before); the loss passes ``use_cache=False`` itself.
+
+    The loss (``loss_chunk``) is chosen per call in :func:`loram.loss.batch_loss`.
+    """
+    set_attn_implementation(model, p.attn_implementation)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if p.grad_checkpointing:
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (new name)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # pragma: no cover - older transformers
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif grad_checkpointing_on(base):
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:  # pragma: no cover - older transformers
+            base.gradient_checkpointing_disable()
+
+
+def grad_checkpointing_on(model) -> bool:
+    """Whether transformers' activation checkpointing is enabled on ``model``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old name
+        if hasattr(type(base), name):
+            return bool(getattr(base, name))
+    return False
+
+
+def prepare_lora_model(model, p: TrainParams, device: str):
+    """Quantize (``p.quantize``), freeze, wrap with peft LoRA and apply :func:`setup_training`:
+    the model LoRA training (and the training-cost benchmark) runs."""
     from peft import get_peft_model
 
-    from loram.models import default_device
-    from loram.quant import parameter_bytes, quantize_nf4
+    from loram.quant import quantize_nf4
 
-    torch.manual_seed(p.seed)
-    device = default_device()
     # The frozen base stays in the dtype it was loaded in (its artifact's); NF4 layers compute
     # in that dtype too.
     base_dtype = _base_dtype(model)
@@ -127,6 +182,20 @@ def train_lora(
         for prm in peft_model.parameters():
             if prm.requires_grad and prm.dtype != torch.float32:
                 prm.data = prm.data.float()
+    setup_training(peft_model, p)
+    return peft_model
+
+
+def train_lora(
+    model, tokenizer, train_rows, val_rows, p: TrainParams, adapter_out, ckpt_dir
+) -> dict:
+    """Wrap ``model`` with LoRA, train it, save the adapter to ``adapter_out``; return metrics."""
+    from loram.models import default_device
+    from loram.quant import parameter_bytes
+
+    torch.manual_seed(p.seed)
+    base_dtype = _base_dtype(model)
+    peft_model = prepare_lora_model(model, p, default_device())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ex = encode_rows(tokenizer, train_rows, p.seq_len)
     val_ex = encode_rows(tokenizer, val_rows[: p.max_val_rows], p.seq_len)
@@ -173,6 +242,7 @@ def align_model(
 
     torch.manual_seed(p.seed)
     model.to(default_device())
+    setup_training(model, p)
     blocks = pack_text(tokenizer, texts, p.seq_len)
     if val_texts is not None:
         val_blocks = pack_text(tokenizer, val_texts, p.seq_len, max_blocks=p.max_val_blocks)
@@ -197,7 +267,9 @@ def align_model(
     # The losses before and after are those of the model as loaded and as saved: in its own
     # (the artifact's) dtype. Training in between uses fp32 master weights (see
     # fp32_master_weights): the result is rounded back to the artifact's dtype once.
-    before = evaluate_loss(model, val_blocks, p.micro_batch, pad) if val_blocks else None
+    before = (
+        evaluate_loss(model, val_blocks, p.micro_batch, pad, p.loss_chunk) if val_blocks else None
+    )
     t0 = time.time()
     history = []
     if p.max_steps > 0:
@@ -216,7 +288,9 @@ def align_model(
             )
     for prm in model.parameters():
         prm.requires_grad_(False)
-    after_loss = evaluate_loss(model, val_blocks, p.micro_batch, pad) if val_blocks else None
+    after_loss = (
+        evaluate_loss(model, val_blocks, p.micro_batch, pad, p.loss_chunk) if val_blocks else None
+    )
     tokens = p.max_steps * p.micro_batch * p.grad_accum * p.seq_len
     return {
         "history": history,

@@ -248,7 +248,7 @@ def _train(
             batch = collate([train_examples[i] for i in idx], pad_id)
             last = k == len(mine) - 1
             with contextlib.nullcontext() if last else acc.no_sync(wrapped):
-                loss, n = batch_loss(wrapped, batch, device)
+                loss, n = batch_loss(wrapped, batch, device, getattr(cfg, "loss_chunk", 0))
                 acc.backward(loss / denom)
             loss_sum += loss.item()
             tok_sum += n
@@ -267,7 +267,13 @@ def _train(
         rec = {"step": step, "loss": loss_sum / max(tok_sum, 1), "lr": sched.get_last_lr()[0]}
         if val_examples and (step % eval_every == 0 or step == cfg.max_steps):
             rec["val_loss"] = _val_loss(
-                acc, wrapped, val_examples, cfg.micro_batch, pad_id, sharded
+                acc,
+                wrapped,
+                val_examples,
+                cfg.micro_batch,
+                pad_id,
+                sharded,
+                getattr(cfg, "loss_chunk", 0),
             )
         history.append(rec)
         bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "step"})
@@ -305,7 +311,9 @@ def _engine_line(acc, wrapped) -> str:
     )
 
 
-def _val_loss(acc, wrapped, examples, batch_size: int, pad_id: int, sharded: bool) -> float:
+def _val_loss(
+    acc, wrapped, examples, batch_size: int, pad_id: int, sharded: bool, chunk: int = 0
+) -> float:
     """Mean token cross-entropy over ``examples``: the batches are dealt to the ranks (batch b
     to rank b mod N) and the sums reduced; under FSDP every rank runs every batch (each forward
     is a collective there) and counts only its own."""
@@ -317,7 +325,8 @@ def _val_loss(acc, wrapped, examples, batch_size: int, pad_id: int, sharded: boo
         for b, i in enumerate(range(0, len(examples), batch_size)):
             if b % acc.num_processes != acc.process_index and not sharded:
                 continue
-            lp, n = batch_loss(model, collate(examples[i : i + batch_size], pad_id), acc.device)
+            batch = collate(examples[i : i + batch_size], pad_id)
+            lp, n = batch_loss(model, batch, acc.device, chunk)
             if b % acc.num_processes == acc.process_index:
                 total += lp.item()
                 count += n

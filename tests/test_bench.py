@@ -1,32 +1,167 @@
-"""The training-cost benchmark runs end to end on the tiny model and reports every arm."""
+"""The training-cost benchmark: its accounting on tiny models in-process, and the command end to
+end on the tiny pretrained model (every arm in its own process)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from peft import get_peft_model
+
+from loram.config import TrainParams
+from loram.data import collate
+from loram.tiny import tiny_llama
+from loram.train import lora_config, setup_training
+
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_cost", ROOT / "benchmarks" / "train_cost.py")
+train_cost = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_cost)
 
 
-def test_train_cost_benchmark_on_tiny_model(tmp_path):
+def _lora(vocab: int, **opts):
+    m = tiny_llama(vocab=vocab)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    p = TrainParams(r=4, alpha=8, **opts)
+    pm = get_peft_model(m, lora_config(p))
+    setup_training(pm, p)
+    pm.train()
+    return pm, p
+
+
+def _batch(vocab: int, rows: int = 2, length: int = 24):
+    g = torch.Generator().manual_seed(0)
+    ex = []
+    for _ in range(rows):
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        ex.append({"input_ids": ids, "labels": ids})
+    return collate(ex, 0)
+
+
+def test_saved_activations_shrink_with_each_option():
+    """The accounting sees what each option removes: the stock loss saves the full logits
+    (at least tokens x vocab fp32), the chunked loss none; checkpointed layers save less."""
+    vocab = 1024
+    batch = _batch(vocab)
+    n_scored = int((batch["labels"][:, 1:] != -100).sum())
+    sizes = {}
+    for chunk, ckpt in ((0, False), (8, False), (8, True)):
+        model, p = _lora(vocab, loss_chunk=chunk, grad_checkpointing=ckpt)
+        sizes[chunk, ckpt] = train_cost._saved_activation_bytes(model, batch, "cpu", chunk)
+        assert all(q.grad is None for q in model.parameters())  # nothing left behind
+    acts0, logits0 = sizes[0, False]
+    assert logits0 >= n_scored * vocab * 4
+    assert sizes[8, False][1] == 0 and sizes[8, True][1] == 0
+    # the chunked loss keeps the labelled hidden states (tokens x hidden) instead of the logits
+    assert sum(sizes[8, False]) < acts0 + logits0
+    assert sizes[8, True][0] < sizes[8, False][0]
+
+
+def test_analytic_floor_counts_weights_state_and_one_chunk():
+    cfg = tiny_llama().config
+    p = TrainParams(loss_chunk=16, grad_checkpointing=True)
+    ana = train_cost._analytic(cfg, p, n_tokens=64, micro=2, act_bytes=4, trainable=1000)
+    assert ana["trainable_state"] == 16_000
+    assert ana["layer_inputs"] == cfg.num_hidden_layers * 64 * cfg.hidden_size * 4
+    assert ana["loss_transient"] == 3 * 16 * cfg.vocab_size * 4
+    stock = train_cost._analytic(
+        cfg, TrainParams(loss_chunk=0, grad_checkpointing=False), 64, 2, 4, 1000
+    )
+    assert stock["loss_transient"] == 3 * 64 * cfg.vocab_size * 4 and stock["layer_inputs"] == 0
+
+
+def test_ratios_and_targets():
+    def row(label, peak, sps):
+        return {"label": label, "arm": label.split("@")[0], "peak_mib": peak,
+                "samples_per_second": sps, "floor_mib": peak / 4}  # fmt: skip
+
+    rows = [row("lora_full", 100.0, 1.0), row("loram_stru", 50.0, 1.6),
+            row("lora_full@stock", 200.0, 1.0), row("loram_stru@stock", 150.0, 1.3)]  # fmt: skip
+    train_cost._ratios(rows)
+    by = {r["label"]: r for r in rows}
+    assert by["loram_stru"]["memory_vs_lora_full"] == 0.5
+    assert by["loram_stru@stock"]["memory_vs_lora_full"] == 0.75
+    assert by["loram_stru"]["memory_vs_stock"] == round(50 / 150, 4)
+    assert "memory_vs_stock" not in by["lora_full@stock"]
+    t = {
+        x["target"].split(":")[0] + x["target"][-30:]: x["holds"] for x in train_cost._targets(rows)
+    }
+    assert sum(t.values()) == 4 and len(t) == 4  # ratio, throughput, two absolute: all hold
+    by["loram_stru"]["memory_vs_lora_full"] = 0.6
+    assert not all(x["holds"] for x in train_cost._targets(rows))
+
+
+def _run(tmp_path, *args):
     out = tmp_path / "cost.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train_cost.py"), "--model", "tiny-llama",
-         "--steps", "3", "--seq-len", "64", "--arms", "lora_full,loram_stru,qloram_stru",
-         "--work", str(tmp_path / "work"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+         "--steps", "3", "--seq-len", "64", "--work", str(tmp_path / "work"), "--out", str(out),
+         *args],
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_train_cost_benchmark_on_tiny_model(tmp_path):
+    res, stdout = _run(tmp_path, "--arms", "lora_full,loram_stru", "--loss-chunk", "32")
     arms = res["arms"]
-    assert set(arms) == {"lora_full", "loram_stru", "qloram_stru"}
-    full, stru, q = arms["lora_full"], arms["loram_stru"], arms["qloram_stru"]
-    # Pruning at 0.65 holds fewer parameters; NF4 holds the same ones in fewer bytes.
-    assert stru["params_held"] < full["params_held"]
-    assert q["params_held"] == stru["params_held"] and q["param_bytes"] < stru["param_bytes"]
+    assert set(arms) == {"lora_full", "loram_stru"}
+    full, stru = arms["lora_full"], arms["loram_stru"]
+    assert stru["params_held"] < full["params_held"]  # pruning at 0.65 holds fewer
     assert full["memory_vs_lora_full"] == 1.0 and full["speed_vs_lora_full"] == 1.0
     for r in arms.values():
         assert r["peak_mib"] > 0 and r["seconds_per_step"] > 0 and r["seq_len"] == 64
-    assert "lora_full" in proc.stdout and "x mem" in proc.stdout  # the printed table
+        assert r["loss_chunk"] == 32 and r["grad_checkpointing"] is True
+        assert r["attn_implementation"] == "sdpa"
+        b = r["breakdown_mib"]
+        assert b["logits_loss"] == 0.0  # chunked: no saved full logits
+        assert b["weights"] == round(r["param_bytes"] / 2**20, 1)
+        assert r["floor_mib"] > b["weights"]
+    assert res["options"]["loss_chunk"] == 32 and res["targets"]
+    assert "lora_full" in stdout and "x mem" in stdout and "breakdown" in stdout
+
+
+@pytest.mark.slow
+def test_train_cost_benchmark_compares_with_stock_settings(tmp_path):
+    res, stdout = _run(
+        tmp_path, "--arms", "lora_full,loram_stru,qloram_stru", "--compare-stock",
+        "--no-grad-checkpointing", "--attn-implementation", "eager",
+    )  # fmt: skip
+    arms = res["arms"]
+    assert set(arms) == {a + s for a in ("lora_full", "loram_stru", "qloram_stru")
+                         for s in ("", "@stock")}  # fmt: skip
+    q, stru = arms["qloram_stru"], arms["loram_stru"]
+    assert q["params_held"] == stru["params_held"] and q["param_bytes"] < stru["param_bytes"]
+    assert arms["lora_full"]["attn_implementation"] == "eager"
+    assert arms["lora_full@stock"]["loss_chunk"] == 0
+    assert arms["lora_full@stock"]["breakdown_mib"]["logits_loss"] > 0
+    for a in ("lora_full", "loram_stru", "qloram_stru"):
+        assert "memory_vs_stock" in arms[a]
+    assert any(t["target"].startswith("absolute") for t in res["targets"])
+    assert "HOLDS" in stdout or "MISSES" in stdout
+
+
+def test_analytic_floors_from_a_config_alone():
+    """--analytic: meta models only; pruned arms hold what loram memory counts, NF4 fewer
+    bytes for the same parameters, floors ordered as the weights."""
+    from loram.memory import memory_report
+
+    cfg = tiny_llama(layers=8).config
+    p = TrainParams(loss_chunk=16)
+    res = train_cost.analytic_arms(cfg, 0.65, 2, 32, 4, p)
+    full, stru, q = res["lora_full"], res["loram_stru"], res["qloram_stru"]
+    assert full["params_held"] == memory_report(cfg, "none", precision="fp32").held_params
+    assert stru["params_held"] == memory_report(cfg, "structured", 0.65, "fp32").held_params
+    assert q["params_held"] == stru["params_held"] and q["param_bytes"] < stru["param_bytes"]
+    assert full["param_bytes"] == 4 * full["params_held"]
+    assert q["floor_mib"] < stru["floor_mib"] < full["floor_mib"]
+    assert full["floor_vs_lora_full"] == 1.0
+    assert stru["lora_params"] < full["lora_params"]

@@ -1,8 +1,11 @@
 import pytest
 import torch
 from peft import get_peft_model
+from tolerance import assert_within, forward_tol
 
 from loram.config import AlignParams, TrainParams
+from loram.data import collate
+from loram.loss import batch_loss, evaluate_loss
 from loram.tiny import tiny_llama, tiny_qwen2
 from loram.train import lora_config
 from loram.trainloop import batch_indices, train_loop
@@ -161,3 +164,196 @@ def test_align_keeps_sparsity_masks_exact(tmp_path):
     assert changed == len(masks)
     assert torch.equal(model.lm_head.weight, before["lm_head.weight"])
     assert res["val_loss_after"] < res["val_loss_before"]
+
+
+# ---------------------------------------------------------------------- training-cost options
+# The chunked loss (train.loss_chunk), activation checkpointing (train.grad_checkpointing) and
+# the attention implementation change how the loss and its gradients are computed, never what
+# they are: each is compared with the stock computation in float64, where the only difference
+# is rounding (tolerances from tests/tolerance.py: forward_tol, paths=2).
+
+
+def _ragged_batch(vocab=128, seed=0):
+    """Three rows of different lengths (right padding) with unlabelled prompt tokens."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for length, prompt in ((13, 4), (9, 2), (16, 6)):
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return collate(rows, pad_id=0), rows
+
+
+def _model(build, mode, tie, vocab=128, dropout=0.0):
+    """A float64 model: ``plain`` (every weight but lm_head trainable, as alignment), ``lora``
+    (peft LoRA on the projections) or ``lora_head`` (also on lm_head, train.lm_head)."""
+    m = build(vocab=vocab, tie=tie).double()
+    if mode == "plain":
+        for n, p in m.named_parameters():
+            p.requires_grad_(not n.startswith("lm_head") and "embed_tokens" not in n)
+        return m
+    for p in m.parameters():
+        p.requires_grad_(False)
+    cfg = TrainParams(r=4, alpha=8, dropout=dropout, lm_head=mode == "lora_head")
+    pm = get_peft_model(m, lora_config(cfg))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # peft starts lora_B at 0: make every LoRA branch contribute
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.data = (torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1).to(p)
+    return pm
+
+
+def _loss_and_grads(model, batch, chunk, **kw):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss, n = batch_loss(model, batch, "cpu", chunk, **kw)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), n, grads
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("mode", ["plain", "lora", "lora_head"])
+def test_chunked_loss_equals_stock_loss_and_gradients(build, tie, mode):
+    batch, _ = _ragged_batch()
+    model = _model(build, mode, tie)
+    ref, n_ref, g_ref = _loss_and_grads(model, batch, 0)
+    cfg = (model.get_base_model() if mode != "plain" else model).config
+    assert n_ref == (batch["labels"][:, 1:] != -100).sum()
+    for chunk in (1, 5, 64):  # one token, a remainder, all in one chunk
+        loss, n, grads = _loss_and_grads(model, batch, chunk)
+        assert n == n_ref
+        # a sum of n per-token losses, each off by at most ~2 x the logits' error
+        assert_within(loss, ref, n * 2 * forward_tol(cfg, ref / n, torch.float64, 2), "loss")
+        assert grads.keys() == g_ref.keys() and g_ref
+        for k, g in g_ref.items():
+            assert_within(grads[k], g, forward_tol(cfg, g, torch.float64, 2), k)
+    if mode == "lora_head":  # the head's LoRA matrices get a gradient: the wrapped module ran
+        assert any("lm_head.lora_A" in k for k in g_ref)
+
+
+def test_chunked_loss_uses_the_lora_wrapped_head():
+    """With train.lm_head the loss goes through the head's LoRA branch, not the raw weight."""
+    batch, _ = _ragged_batch()
+    model = _model(tiny_llama, "lora_head", False)
+    with_lora = batch_loss(model, batch, "cpu", 4)[0]
+    with model.disable_adapter():
+        without = batch_loss(model, batch, "cpu", 4)[0]
+    head = model.get_base_model().lm_head
+    with torch.no_grad():
+        head.lora_B["default"].weight.zero_()
+    only_body = batch_loss(model, batch, "cpu", 4)[0]
+    assert abs(with_lora - only_body) > 1e-3 and abs(only_body - without) > 1e-3
+
+
+def test_chunk_recomputation_replays_lora_dropout_on_the_head():
+    """Checkpointed chunks recompute their logits in the backward pass with the same dropout
+    masks: the gradients equal those of the chunks kept in memory (same RNG stream)."""
+    batch, _ = _ragged_batch()
+    model = _model(tiny_qwen2, "lora_head", True, dropout=0.5)
+    cfg = model.get_base_model().config
+    ref, _, g_ref = _loss_and_grads(model, batch, 4, use_checkpoint=False)
+    loss, _, grads = _loss_and_grads(model, batch, 4, use_checkpoint=True)
+    assert_within(loss, ref, forward_tol(cfg, ref, torch.float64, 2), "loss")
+    for k, g in g_ref.items():
+        assert_within(grads[k], g, forward_tol(cfg, g, torch.float64, 2), k)
+
+
+def test_chunked_loss_never_holds_the_full_logits():
+    """No tensor of the forward or backward pass holds more than one chunk of vocabulary
+    scores (the stock loss makes several of batch x seq x vocab)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    vocab, chunk = 2048, 5
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = 0  # most rows of any tensor whose last dimension is the vocabulary
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                # (the head's weight, transposed for its matmul, is (hidden, vocab): not scores)
+                weight_t = isinstance(t, torch.Tensor) and t.shape == (64, vocab)
+                if isinstance(t, torch.Tensor) and t.shape[-1:] == (vocab,) and not weight_t:
+                    self.rows = max(self.rows, t.numel() // vocab)
+            return out
+
+    batch, _ = _ragged_batch(vocab=vocab)
+    tokens = batch["input_ids"].numel()
+    for c, bound in ((0, None), (chunk, chunk)):
+        model = _model(tiny_llama, "lora", False, vocab=vocab)
+        with Largest() as seen:
+            loss, _ = batch_loss(model, batch, "cpu", c)
+            loss.backward()
+        if bound is None:
+            assert seen.rows == tokens  # the stock loss: every position's logits
+        else:
+            assert seen.rows <= bound
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_evaluate_loss_is_the_same_with_chunks(chunk):
+    _, rows = _ragged_batch()
+    model = _model(tiny_llama, "lora", False)
+    ref = evaluate_loss(model, rows, 2, pad_id=0, chunk=0)
+    got = evaluate_loss(model, rows, 2, pad_id=0, chunk=chunk)
+    cfg = model.get_base_model().config
+    assert abs(got - ref) <= 2 * forward_tol(cfg, torch.tensor(ref), torch.float64, 2)
+
+
+def test_negative_loss_chunk_is_refused():
+    with pytest.raises(ValueError, match="loss_chunk"):
+        TrainParams(loss_chunk=-1)
+    batch, _ = _ragged_batch()
+    with pytest.raises(ValueError, match="chunk"):
+        batch_loss(tiny_llama(), batch, "cpu", -3)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
+@pytest.mark.parametrize("mode", ["plain", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(build, mode):
+    """Activation checkpointing (non-reentrant, no enable_input_require_grads) under a frozen
+    peft base and full-rank training: same loss and gradients, LoRA dropout replayed."""
+    from loram.train import grad_checkpointing_on, setup_training
+
+    batch, _ = _ragged_batch()
+    grads = []
+    for ckpt in (False, True):
+        model = _model(build, mode, False, dropout=0.3)
+        setup_training(model, TrainParams(grad_checkpointing=ckpt, attn_implementation="eager"))
+        assert grad_checkpointing_on(model) == ckpt
+        grads.append(_loss_and_grads(model, batch, 0))
+    cfg = (model if mode == "plain" else model.get_base_model()).config
+    (l0, _, g0), (l1, _, g1) = grads
+    assert_within(l1, l0, forward_tol(cfg, l0, torch.float64, 2), "loss")
+    assert g0.keys() == g1.keys() and g0
+    for k, g in g0.items():
+        assert_within(g1[k], g, forward_tol(cfg, g, torch.float64, 2), k)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_setup_training_runs_the_attention_it_asks_for(impl, monkeypatch):
+    """Which kernel actually runs: count calls of torch's scaled_dot_product_attention."""
+    from loram.train import attn_implementation, setup_training
+
+    calls = {"n": 0}
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    model = _model(tiny_llama, "lora", False)  # built with eager (loram.tiny)
+    setup_training(model, TrainParams(attn_implementation=impl))
+    assert attn_implementation(model) == impl
+    batch, _ = _ragged_batch()
+    model.train()
+    batch_loss(model, batch, "cpu", 4)[0].backward()
+    layers = model.get_base_model().config.num_hidden_layers
+    # with grad checkpointing (the default) each layer also runs again in the backward pass
+    assert calls["n"] == (2 * layers if impl == "sdpa" else 0)

@@ -225,6 +225,16 @@ def _train(
 
     wrapped.train()
     device = acc.device
+    # The chunked loss calls the decoder body and lm_head itself, so it runs only on a model no
+    # engine has wrapped: DDP's gradient sync and FSDP's unsharding hook the wrapper's forward.
+    # With several processes or FSDP the stock loss runs through the wrapped forward instead.
+    chunk = getattr(cfg, "loss_chunk", 0)
+    if chunk and (acc.num_processes > 1 or sharded):
+        if main:
+            log.info(
+                "%s: loss_chunk %d applies to one process only; the stock loss runs", desc, chunk
+            )
+        chunk = 0
     tokens_per_step = None
     bar = tqdm(
         total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
@@ -248,7 +258,8 @@ def _train(
             batch = collate([train_examples[i] for i in idx], pad_id)
             last = k == len(mine) - 1
             with contextlib.nullcontext() if last else acc.no_sync(wrapped):
-                loss, n = batch_loss(wrapped, batch, device, getattr(cfg, "loss_chunk", 0))
+                with acc.autocast():  # the chunked loss bypasses the wrapped forward's autocast
+                    loss, n = batch_loss(wrapped, batch, device, chunk)
                 acc.backward(loss / denom)
             loss_sum += loss.item()
             tok_sum += n
@@ -326,7 +337,8 @@ def _val_loss(
             if b % acc.num_processes != acc.process_index and not sharded:
                 continue
             batch = collate(examples[i : i + batch_size], pad_id)
-            lp, n = batch_loss(model, batch, acc.device, chunk)
+            with acc.autocast():
+                lp, n = batch_loss(model, batch, acc.device, chunk)
             if b % acc.num_processes == acc.process_index:
                 total += lp.item()
                 count += n

@@ -49,12 +49,30 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor]) -> None:
     """Write ``{module path: bool mask}`` to a safetensors file (packed bytes, shapes in metadata)."""
-    from safetensors.torch import save_file
-
     tensors = {name: pack_mask(m) for name, m in masks.items()}
     shapes = {name: list(m.shape) for name, m in masks.items()}
-    metadata = {"format": MASKS_FORMAT, "shapes": json.dumps(shapes)}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    save_packed_masks(path, tensors, shapes)
+
+
+def save_packed_masks(
+    path: str | os.PathLike,
+    packed: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, Sequence[int]],
+) -> None:
+    """:func:`save_masks` from masks already packed with :func:`pack_mask` (the streaming
+    pruner packs each layer's masks as soon as it is pruned: one bit per weight in memory).
+
+    The file has the same bytes for the same masks in every run (the pruned model's structure
+    digest hashes it)."""
+    from loram.shards import save_file_deterministic
+
+    if set(packed) != set(shapes):
+        raise ValueError("packed masks and shapes name different modules")
+    metadata = {
+        "format": MASKS_FORMAT,
+        "shapes": json.dumps({name: [int(s) for s in shapes[name]] for name in packed}),
+    }
+    save_file_deterministic(dict(packed), os.fspath(path), metadata)
 
 
 def load_masks(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:

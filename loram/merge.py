@@ -372,8 +372,6 @@ def _merge_streaming(
                 f"mask for {name} must be a bool tensor of shape {shape}, "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
-        if f"{name}.weight" not in lora:
-            raise ValueError(f"mask for {name}: the adapter does not adapt that module")
     check_shapes_against_config(base_dir, config)
 
     with atomic_dir(out_dir, "merge", [base_dir, adapter_dir]) as tmp:

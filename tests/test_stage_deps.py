@@ -105,7 +105,7 @@ def test_closure_follows_every_import_form(tmp_path):
 LAYERS = [
     ("loram", "loram.errors", "loram.fsio", "loram.benchmarks", "loram.tiny"),
     ("loram.config",),
-    ("loram.models", "loram.data", "loram.loss", "loram.quant", "loram.prune"),
+    ("loram.models", "loram.shards", "loram.data", "loram.loss", "loram.quant", "loram.prune"),
     ("loram.trainloop",),
     ("loram.train", "loram.recover", "loram.merge", "loram.evaluate", "loram.memory"),
     ("loram.pipeline", "loram.report", "loram.profiles"),

@@ -689,6 +689,48 @@ def mask_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[s
     }
 
 
+def streamed_sparsity(
+    model_dir, masks: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(sparsity_report(model, masks), mask_sparsity(model, masks))`` of the model saved in
+    ``model_dir``, reading one weight at a time instead of loading the model."""
+    from loram.models import load_config
+    from loram.shards import ShardReader
+
+    reader = ShardReader(model_dir)
+    n_layers = int(load_config(model_dir).num_hidden_layers)
+    counts: dict[str, tuple[int, int]] = {}
+    all_zeros = all_numel = 0
+    removed = zero_removed = numel = 0
+    for path, mask in masks.items():
+        key = f"{path}.weight"
+        if key not in reader:
+            raise ValueError(f"mask {path} names no weight in {model_dir}")
+        w = reader.get(key)
+        if tuple(w.shape) != tuple(mask.shape):
+            raise ValueError(
+                f"mask {path} has shape {tuple(mask.shape)} but the model's weight has shape "
+                f"{tuple(w.shape)}"
+            )
+        counts[path] = (int((w == 0).sum().item()), w.numel())
+        gone = ~mask.to(dtype=torch.bool)
+        removed += int(gone.sum().item())
+        zero_removed += int((gone & (w == 0)).sum().item())
+        numel += w.numel()
+    for i in range(n_layers):
+        for proj in LINEAR_PROJ:
+            w = reader.get(f"{module_path(i, proj)}.weight")
+            all_zeros += int((w == 0).sum().item())
+            all_numel += w.numel()
+    vs_mask = {
+        "mask_sparsity": removed / numel if numel else 0.0,
+        "sparsity": zero_removed / numel if numel else 0.0,
+        "pruned_nonzero": removed - zero_removed,
+        "numel": numel,
+    }
+    return sparsity_from_counts(counts, all_zeros, all_numel), vs_mask
+
+
 def sparse_manifest(
     model: nn.Module,
     layers: Sequence[int],

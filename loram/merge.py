@@ -329,8 +329,9 @@ def _merge_streaming(
     from tqdm.auto import tqdm
 
     from loram.models import check_shapes_against_config
-    from loram.shards import ShardReader, ShardWriter
+    from loram.shards import ShardReader, ShardWriter, bound_heap
 
+    bound_heap()
     reader = ShardReader(base_dir)
     peft_model, config = _meta_peft(base_dir, adapter_dir, load_dtype)
     _check_adapter_fits(peft_model, adapter_dir)

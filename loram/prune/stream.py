@@ -290,7 +290,9 @@ def prune_to_dir(
     structured methods).
     """
     from loram.models import artifact_dtype
+    from loram.shards import bound_heap
 
+    bound_heap()
     base_dir = Path(base_dir)
     dtype = artifact_dtype(base_dir)
     st = _Streamed(base_dir, dtype, device)

@@ -123,7 +123,10 @@ def write_adapter(pruned: Path, out: Path, rank: int, seed: int = 0) -> None:
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJ), lora_dropout=0.0)
     cfg.base_model_name_or_path = str(pruned)
     cfg.save_pretrained(str(out))
-    prov = {"pruned": True, "trained_on": {"structure": structure_digest(pruned), "model_dir": str(pruned)}}
+    prov = {
+        "pruned": True,
+        "trained_on": {"structure": structure_digest(pruned), "model_dir": str(pruned)},
+    }
     (out / "loram_train.json").write_text(dumps(prov), encoding="utf-8")
 
 
@@ -168,7 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument(
-        "--merge-on", default="taylor", choices=sorted(PRUNES),
+        "--merge-on",
+        default="taylor",
+        choices=sorted(PRUNES),
         help="the pruned model the recovered / merged adapter was 'trained' on (default taylor)",
     )
     ap.add_argument("--in-memory", action="store_true", help="also measure the old paths")
@@ -200,7 +205,9 @@ def main(argv=None) -> int:
     if not args.data and not (data / "train.jsonl").is_file():
         subprocess.run(
             loram("data", "--out", str(data), "--metrics", str(work / "data.json")),
-            check=True, env=env, stdout=subprocess.DEVNULL,
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
         )
 
     rows = []
@@ -228,22 +235,55 @@ def main(argv=None) -> int:
         if not (wanted(f"prune:{name}") or need):
             continue
         params = work / f"prune-{name}.yaml"
-        params.write_text(json.dumps({"prune": {
-            "method": method, "criterion": crit, "ratio": args.ratio,
-            "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
-        }}))
+        params.write_text(
+            json.dumps(
+                {
+                    "prune": {
+                        "method": method,
+                        "criterion": crit,
+                        "ratio": args.ratio,
+                        "calib_samples": args.calib_samples,
+                        "calib_seq_len": args.calib_seq_len,
+                    }
+                }
+            )
+        )
         out = work / f"pruned-{name}"
         res = run_measured(
-            loram("prune", "--params", str(params), "--base", str(base), "--data", str(data),
-                  "--out", str(out), "--metrics", str(work / f"prune-{name}.json")),
-            work / f"prune-{name}.log", env,
+            loram(
+                "prune",
+                "--params",
+                str(params),
+                "--base",
+                str(base),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--metrics",
+                str(work / f"prune-{name}.json"),
+            ),
+            work / f"prune-{name}.log",
+            env,
         )
         record("prune", name, "stream", res)
         if args.in_memory and wanted(f"prune:{name}"):
             res = run_measured(
-                [sys.executable, "-c", INMEM_PRUNE, str(base), str(data), str(work / f"mem-{name}"),
-                 method, "random" if method == "random" else crit, str(args.ratio), str(args.calib_samples), str(args.calib_seq_len)],
-                work / f"prune-{name}-mem.log", env,
+                [
+                    sys.executable,
+                    "-c",
+                    INMEM_PRUNE,
+                    str(base),
+                    str(data),
+                    str(work / f"mem-{name}"),
+                    method,
+                    "random" if method == "random" else crit,
+                    str(args.ratio),
+                    str(args.calib_samples),
+                    str(args.calib_seq_len),
+                ],
+                work / f"prune-{name}-mem.log",
+                env,
             )
             record("prune", name, "in-memory", res)
 
@@ -255,23 +295,56 @@ def main(argv=None) -> int:
         params = work / "rm.yaml"
         params.write_text(json.dumps({"recover": {}, "merge": {}}))
         res = run_measured(
-            loram("recover", "--params", str(params), "--adapter", str(adapter), "--pruned",
-                  str(pruned), "--base", str(base), "--out", str(rec)),
-            work / "recover.log", env,
+            loram(
+                "recover",
+                "--params",
+                str(params),
+                "--adapter",
+                str(adapter),
+                "--pruned",
+                str(pruned),
+                "--base",
+                str(base),
+                "--out",
+                str(rec),
+            ),
+            work / "recover.log",
+            env,
         )
         record("recover", f"rank {args.rank}", "stream", res)
         if wanted("merge"):
             res = run_measured(
-                loram("merge", "--params", str(params), "--base", str(base), "--adapter",
-                      str(rec), "--pruned", str(pruned), "--out", str(work / "merged"),
-                      "--metrics", str(work / "merge.json")),
-                work / "merge.log", env,
+                loram(
+                    "merge",
+                    "--params",
+                    str(params),
+                    "--base",
+                    str(base),
+                    "--adapter",
+                    str(rec),
+                    "--pruned",
+                    str(pruned),
+                    "--out",
+                    str(work / "merged"),
+                    "--metrics",
+                    str(work / "merge.json"),
+                ),
+                work / "merge.log",
+                env,
             )
             record("merge", f"rank {args.rank}", "stream", res)
             if args.in_memory:
                 res = run_measured(
-                    [sys.executable, "-c", INMEM_MERGE, str(base), str(rec), str(work / "mem-merged")],
-                    work / "merge-mem.log", env,
+                    [
+                        sys.executable,
+                        "-c",
+                        INMEM_MERGE,
+                        str(base),
+                        str(rec),
+                        str(work / "mem-merged"),
+                    ],
+                    work / "merge-mem.log",
+                    env,
                 )
                 record("merge", f"rank {args.rank}", "in-memory", res)
 
@@ -284,7 +357,9 @@ def main(argv=None) -> int:
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"model": str(base), **facts, "rows": rows}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"model": str(base), **facts, "rows": rows}, indent=2) + "\n"
+        )
     if tmp is not None:
         tmp.cleanup()
     return 1 if any(r["rc"] != 0 for r in rows) else 0

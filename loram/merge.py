@@ -357,9 +357,7 @@ def _merge_streaming(
                 why = f"{name}.weight is not stored in the base (tied weights)"
             lora[f"{name}.weight"] = mod
     if why is None:
-        names = {
-            k.replace(".base_layer.", ".") for k in inner.state_dict() if ".lora_" not in k
-        }
+        names = {k.replace(".base_layer.", ".") for k in inner.state_dict() if ".lora_" not in k}
         extra = sorted(set(reader.keys()) - names)
         if extra:
             why = f"the base stores tensors the model does not name: {extra[:3]}"

@@ -69,7 +69,9 @@ def parse_size(size: int | str) -> int:
     try:
         return int(s)
     except ValueError:
-        raise ValueError(f"size {size!r}: expected bytes or a number with KB/MB/GB/KiB/MiB/GiB") from None
+        raise ValueError(
+            f"size {size!r}: expected bytes or a number with KB/MB/GB/KiB/MiB/GiB"
+        ) from None
 
 
 class ShardReader:

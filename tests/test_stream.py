@@ -63,7 +63,9 @@ def test_shard_writer_reader_round_trip(tmp_path):
     index = _json(tmp_path, "model.safetensors.index.json")
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and all(f.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     r = ShardReader(tmp_path)
     for k, t in tensors.items():  # the safetensors library reads them back
@@ -164,22 +166,38 @@ def _in_memory(base_dir, out, method, criterion, ratio, calib, seed=0):
     layers = pruned_layers(model.config.num_hidden_layers)
     if method in ("structured", "random"):
         man = prune_structured(
-            model, ratio, layers, criterion=criterion, calib_batches=calib, seed=seed,
+            model,
+            ratio,
+            layers,
+            criterion=criterion,
+            calib_batches=calib,
+            seed=seed,
             progress=False,
         )
         save_pruned(model, man, out)
         return
     pattern = "nm" if method == "semi" else "unstructured"
     masks = prune_sparse(
-        model, layers, pattern=pattern, ratio=ratio, criterion=criterion, calib_batches=calib,
+        model,
+        layers,
+        pattern=pattern,
+        ratio=ratio,
+        criterion=criterion,
+        calib_batches=calib,
         progress=False,
     )
     man = sparse_manifest(
-        model, layers, pattern=pattern, criterion=criterion, ratio=ratio,
+        model,
+        layers,
+        pattern=pattern,
+        criterion=criterion,
+        ratio=ratio,
         sparsity=sparsity_report(model, masks),
     )
     save_pruned(
-        model, man, out,
+        model,
+        man,
+        out,
         extra_files={man["masks_file"]: lambda p: save_masks(p, masks)},
     )
 
@@ -202,9 +220,16 @@ def test_streaming_prune_equals_in_memory(base, tmp_path, method, criterion):
     _in_memory(base, tmp_path / "mem", method, criterion, ratio, copy.deepcopy(calib), seed=4)
     n_layers = _json(base, "config.json")["num_hidden_layers"]
     res = prune_to_dir(
-        base, tmp_path / "stream", method=method, ratio=ratio, criterion=criterion,
-        layers=pruned_layers(n_layers), calib_batches=copy.deepcopy(calib), seed=4,
-        max_shard_bytes=SHARD, progress=False,
+        base,
+        tmp_path / "stream",
+        method=method,
+        ratio=ratio,
+        criterion=criterion,
+        layers=pruned_layers(n_layers),
+        calib_batches=copy.deepcopy(calib),
+        seed=4,
+        max_shard_bytes=SHARD,
+        progress=False,
     )
     a, b = tmp_path / "stream", tmp_path / "mem"
     assert (a / "model.safetensors.index.json").is_file()

@@ -487,7 +487,13 @@ class SparseWalk:
                 for proj in LINEAR_PROJ:
                     path = module_path(i, proj)
                     masks[path] = _prune_module(
-                        self.model, path, "magnitude", self.pattern, self.ratio, self.n, self.m,
+                        self.model,
+                        path,
+                        "magnitude",
+                        self.pattern,
+                        self.ratio,
+                        self.n,
+                        self.m,
                         None,
                     )
             return masks
@@ -501,7 +507,13 @@ class SparseWalk:
             for proj in LINEAR_PROJ:
                 path = module_path(i, proj)
                 masks[path] = _prune_module(
-                    self.model, path, self.criterion, self.pattern, self.ratio, self.n, self.m,
+                    self.model,
+                    path,
+                    self.criterion,
+                    self.pattern,
+                    self.ratio,
+                    self.n,
+                    self.m,
                     stats.pop(path),
                 )
         for b, rec in enumerate(self.captured):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,7 @@ class _Streamed:
         """Load a non-layer module's parameters (``model.embed_tokens``, ``lm_head``, ...); a
         tied lm_head reads the embeddings."""
         mod = self.model.get_submodule(path)
-        for name, p in list(mod.named_parameters(recurse=False)):
+        for name, _p in list(mod.named_parameters(recurse=False)):
             key = f"{path}.{name}"
             if key not in self.reader and path == "lm_head":
                 key = "model.embed_tokens.weight"
@@ -153,7 +153,7 @@ def taylor_scores(
     all_layers = model.model.layers
     st.load_module("model.embed_tokens", f32)
     calib = list(calib_batches)
-    for n, batch in enumerate(calib):
+    for batch in calib:
         if "labels" not in batch:
             raise ValueError("calibration batches need 'labels' (-100 = ignored)")
     with torch.no_grad():
@@ -298,11 +298,35 @@ def prune_to_dir(
     st = _Streamed(base_dir, dtype, device)
     layers = sorted({int(x) for x in layers})
     if method in ("structured", "random"):
-        return _structured(st, out_dir, ratio, layers, criterion, calib_batches, seed,
-                           tokenizer, inputs, max_shard_bytes, progress)
+        return _structured(
+            st,
+            out_dir,
+            ratio,
+            layers,
+            criterion,
+            calib_batches,
+            seed,
+            tokenizer,
+            inputs,
+            max_shard_bytes,
+            progress,
+        )
     if method in ("semi", "unstructured"):
-        return _sparse(st, out_dir, method, ratio, layers, criterion, n, m, calib_batches,
-                       tokenizer, inputs, max_shard_bytes, progress)
+        return _sparse(
+            st,
+            out_dir,
+            method,
+            ratio,
+            layers,
+            criterion,
+            n,
+            m,
+            calib_batches,
+            tokenizer,
+            inputs,
+            max_shard_bytes,
+            progress,
+        )
     raise ValueError(f"method = {method!r}; expected structured, random, semi or unstructured")
 
 
@@ -333,8 +357,9 @@ def _finish(st: _Streamed, tmp: Path, manifest: dict, tokenizer: Any) -> None:
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
-def _structured(st, out_dir, ratio, layers, criterion, calib, seed, tokenizer, inputs,
-                max_shard_bytes, progress) -> dict:
+def _structured(
+    st, out_dir, ratio, layers, criterion, calib, seed, tokenizer, inputs, max_shard_bytes, progress
+) -> dict:
     from loram.prune.structured import (
         CRITERIA,
         apply_structure,
@@ -344,7 +369,6 @@ def _structured(st, out_dir, ratio, layers, criterion, calib, seed, tokenizer, i
         layer_scores,
         random_structure,
         shrink_layer_tensors,
-        structured_importance,
         structured_manifest,
     )
 
@@ -364,11 +388,11 @@ def _structured(st, out_dir, ratio, layers, criterion, calib, seed, tokenizer, i
         structure = random_structure(geom, ratio, layers, seed)
     elif criterion == "taylor":
         if calib is None:
-            raise ValueError("criterion 'taylor' needs calib_batches (dicts with input_ids, labels)")
+            raise ValueError(
+                "criterion 'taylor' needs calib_batches (dicts with input_ids, labels)"
+            )
         scores = taylor_scores(st, layers, calib, progress)
         structure = {str(i): kept_structure(scores[i], n_kv, n_mlp) for i in layers}
-    elif criterion != "magnitude":
-        structured_importance(st.model, layers, criterion)  # raises its own error
 
     def magnitude(t: torch.Tensor) -> torch.Tensor:
         return t.detach().abs().to(torch.float64)
@@ -401,8 +425,21 @@ def _structured(st, out_dir, ratio, layers, criterion, calib, seed, tokenizer, i
     }
 
 
-def _sparse(st, out_dir, method, ratio, layers, criterion, n, m, calib, tokenizer, inputs,
-            max_shard_bytes, progress) -> dict:
+def _sparse(
+    st,
+    out_dir,
+    method,
+    ratio,
+    layers,
+    criterion,
+    n,
+    m,
+    calib,
+    tokenizer,
+    inputs,
+    max_shard_bytes,
+    progress,
+) -> dict:
     from loram.prune.masks import pack_mask, save_packed_masks
     from loram.prune.sparse import SparseWalk, sparse_manifest, sparsity_from_counts
 
@@ -411,7 +448,13 @@ def _sparse(st, out_dir, method, ratio, layers, criterion, n, m, calib, tokenize
     if calibrated:
         st.load_module("model.embed_tokens")
     walk = SparseWalk(
-        st.model, layers, pattern=pattern, ratio=ratio, n=n, m=m, criterion=criterion,
+        st.model,
+        layers,
+        pattern=pattern,
+        ratio=ratio,
+        n=n,
+        m=m,
+        criterion=criterion,
         calib_batches=calib,
     )
     if calibrated:
@@ -444,7 +487,13 @@ def _sparse(st, out_dir, method, ratio, layers, criterion, n, m, calib, tokenize
                 _write_rest(st, writer)
             sparsity = sparsity_from_counts(counts, all_zeros, all_numel)
             manifest = sparse_manifest(
-                st.model, layers, pattern=pattern, criterion=criterion, ratio=ratio, n=n, m=m,
+                st.model,
+                layers,
+                pattern=pattern,
+                criterion=criterion,
+                ratio=ratio,
+                n=n,
+                m=m,
                 sparsity=sparsity,
             )
             _finish(st, tmp, manifest, tokenizer)

@@ -247,3 +247,46 @@ def test_streaming_prune_equals_in_memory(base, tmp_path, method, criterion):
 
     model, _ = load_pruned(a)  # the pruned directory loads as before
     assert model.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def test_packed_masks_and_streamed_sparsity_equal_the_in_memory_ones(tmp_path):
+    from loram.prune.masks import open_masks
+    from loram.prune.sparse import mask_sparsity, streamed_sparsity
+
+    model = tiny_llama()
+    masks = prune_sparse(model, [1, 2], pattern="nm", criterion="magnitude", progress=False)
+    with torch.no_grad():  # a densified position, so pruned_nonzero is not trivially 0
+        model.get_submodule("model.layers.1.mlp.up_proj").weight[0, 0] = 1.0
+        masks["model.layers.1.mlp.up_proj"][0, 0] = False
+    model.save_pretrained(tmp_path / "m")
+    save_masks(tmp_path / "masks.safetensors", masks)
+    lazy = open_masks(tmp_path / "masks.safetensors")
+    assert set(lazy) == set(masks) and len(lazy) == len(masks)
+    assert all(torch.equal(lazy[k], masks[k]) for k in masks)
+    assert lazy.shape("model.layers.2.self_attn.q_proj") == (64, 64)
+    report, vs_mask = streamed_sparsity(tmp_path / "m", lazy)
+    assert report == sparsity_report(model, masks)
+    assert vs_mask == mask_sparsity(model, masks) and vs_mask["pruned_nonzero"] == 1
+
+
+def test_masks_file_bytes_are_the_same_every_time(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    masks = {f"m{i}": torch.rand(5, 9, generator=g) < 0.5 for i in range(6)}
+    blobs = set()
+    for i in range(5):
+        save_masks(tmp_path / f"{i}.safetensors", masks)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+
+
+def test_bound_heap_sets_the_glibc_threshold():
+    import platform
+
+    from loram.shards import bound_heap
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert bound_heap() is True

@@ -12,6 +12,8 @@ exact fp32 merge, never the sum of two separately rounded terms.
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import re
 import shutil
@@ -28,6 +30,7 @@ from loram.models import artifact_dtype, check_adapter_dir, check_safetensors, l
 from loram.prune.artifact import MANIFEST_NAME, read_manifest
 from loram.prune.structured import STRUCTURED_METHODS
 from loram.recover import ADAPTER_WEIGHTS, read_provenance
+from loram.shards import DEFAULT_SHARD_BYTES
 
 _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
@@ -48,6 +51,8 @@ _TOKENIZER_FILES = (
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 def _check_adapter_fits(peft_model, adapter_dir: Path) -> None:
@@ -198,13 +203,22 @@ def merge_to_dir(
     out_dir: str | os.PathLike,
     dtype: torch.dtype | str = "auto",
     masks: Mapping[str, torch.Tensor] | None = None,
+    streaming: bool = True,
+    max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Load the base, merge the adapter in fp32, write ``dtype`` and save a plain model dir.
+    """Merge the adapter into the base in fp32, write ``dtype`` and save a plain model dir.
 
     ``dtype``: ``auto`` = the dtype ``base_dir`` is saved in; or float32 / bfloat16 / float16.
     When it is the base's own dtype the base is loaded in it (W + scale·B·A is still summed in
     fp32 per layer, see :func:`merge_adapter`); otherwise it is loaded in fp32 (exact for a
     bf16 / fp16 base), so the merged weights are rounded once, to ``dtype``.
+
+    ``streaming`` (default): the base is read tensor by tensor and the merged weights are
+    written to shards of at most ``max_shard_bytes`` as they are made (see
+    :func:`_merge_streaming`), so memory holds one weight matrix at a time, not the model; the
+    result equals the in-memory path (``streaming=False``) bit for bit. Adapters the streaming
+    path cannot merge without the whole model (LoRA on embeddings or a tied lm_head, DoRA,
+    ``modules_to_save`` ...) fall back to the in-memory path, with a log line.
 
     The result (safetensors + config, + tokenizer files if ``base_dir`` has them) loads with
     ``AutoModelForCausalLM.from_pretrained`` without peft. Written atomically.
@@ -226,7 +240,12 @@ def merge_to_dir(
         dtype = stored
     elif isinstance(dtype, str):
         dtype = _DTYPES[dtype]
-    model = load_hf_model(base_dir, stored if dtype == stored else torch.float32, what="base model")
+    load_dtype = stored if dtype == stored else torch.float32
+    if streaming and _merge_streaming(
+        base_dir, Path(adapter_dir), out_dir, load_dtype, dtype, masks, max_shard_bytes
+    ):
+        return Path(out_dir)
+    model = load_hf_model(base_dir, load_dtype, what="base model")
     merged = merge_adapter(model, adapter_dir, masks).to(dtype)
     with atomic_dir(out_dir, "merge", [base_dir, adapter_dir]) as tmp:
         merged.save_pretrained(tmp)
@@ -234,3 +253,164 @@ def merge_to_dir(
             if (base_dir / name).is_file():
                 shutil.copy2(base_dir / name, tmp / name)
     return Path(out_dir)
+
+
+def _plain_lora(mod) -> bool:
+    """A peft LoRA ``Linear`` whose active adapters are plain (no DoRA / variant / lora_bias)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    return isinstance(mod, LoraLinear) and all(
+        adapter not in getattr(mod, "lora_variant", {}) and not mod.lora_bias.get(adapter, False)
+        for adapter in mod.active_adapters
+        if adapter in mod.lora_A
+    )
+
+
+def _meta_peft(base_dir: Path, adapter_dir: Path, load_dtype: torch.dtype):
+    """The base model on the meta device wrapped by peft with the adapter's real LoRA weights.
+
+    Returns ``(peft_model, config)``. The LoRA matrices are cast to float32 when stored in
+    bf16 / fp16, as peft's ``autocast_adapter_dtype`` does when it loads them onto a real model.
+    """
+    from accelerate import init_empty_weights
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loram.models import _quiet_transformers, load_config
+
+    config = load_config(base_dir)
+    with init_empty_weights(include_buffers=False), _quiet_transformers():
+        meta = AutoModelForCausalLM.from_config(config, dtype=load_dtype)
+    peft_model = PeftModel.from_pretrained(meta, str(adapter_dir), low_cpu_mem_usage=True)
+    # peft leaves the LoRA weights on the device of the (meta) base layers: put the file's
+    # values in, in the dtype peft gives them on a real model (float32 for a bf16 / fp16 file).
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    name = peft_model.active_adapter
+    for pname, p in list(peft_model.named_parameters()):
+        if ".lora_" not in pname:
+            continue
+        key = pname.replace(f".{name}.", ".")
+        if key not in state:
+            raise ValueError(f"adapter {adapter_dir}: {key} is not in {ADAPTER_WEIGHTS}")
+        value = state.pop(key)
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(
+                f"adapter {adapter_dir}: {key} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(p.shape)} in the model"
+            )
+        parent, _, attr = pname.rpartition(".")
+        dtype = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+        peft_model.get_submodule(parent)._parameters[attr] = torch.nn.Parameter(
+            value.to(dtype), requires_grad=False
+        )
+    return peft_model, config
+
+
+def _merge_streaming(
+    base_dir: Path,
+    adapter_dir: Path,
+    out_dir: str | os.PathLike,
+    load_dtype: torch.dtype,
+    dtype: torch.dtype,
+    masks: Mapping[str, torch.Tensor] | None,
+    max_shard_bytes: int | str,
+) -> bool:
+    """Merge tensor by tensor; False (nothing written) when the adapter needs the in-memory path.
+
+    Every base tensor is read, cast as the in-memory path loads it (``load_dtype``), merged if
+    its module is a plain LoRA linear layer — ``(W.float() + mask ⊙ ΔW).to(load_dtype)`` with
+    ΔW from peft's own ``get_delta_weight`` on a meta-device copy of the model that holds only
+    the LoRA weights — cast to ``dtype`` and written to the next shard. Peak memory: the LoRA
+    weights plus the largest tensor (the embeddings) and its fp32 copy.
+    """
+    from peft.tuners.lora import LoraLayer
+    from tqdm.auto import tqdm
+
+    from loram.models import check_shapes_against_config
+    from loram.shards import ShardReader, ShardWriter, bound_heap
+
+    bound_heap()
+    reader = ShardReader(base_dir)
+    peft_model, config = _meta_peft(base_dir, adapter_dir, load_dtype)
+    _check_adapter_fits(peft_model, adapter_dir)
+    check = getattr(peft_model.base_model, "_check_merge_allowed", None)
+    if check is not None:
+        check()
+    inner = peft_model.base_model.model
+    modules = dict(inner.named_modules())
+    masks = masks or {}
+    unknown = sorted(set(masks) - set(modules))
+    if unknown:
+        raise KeyError(f"masks name modules that are not in the model: {unknown[:5]}")
+    cfg = peft_model.peft_config[peft_model.active_adapter]
+    lora: dict[str, object] = {}
+    why = None
+    if getattr(cfg, "modules_to_save", None) or getattr(cfg, "trainable_token_indices", None):
+        why = "the adapter has modules_to_save / trainable tokens"
+    for name, mod in modules.items():
+        if why is None and isinstance(mod, LoraLayer):
+            if not _plain_lora(mod):
+                why = f"{name} is not a plain LoRA linear layer"
+            elif f"{name}.weight" not in reader:
+                why = f"{name}.weight is not stored in the base (tied weights)"
+            lora[f"{name}.weight"] = mod
+    if why is None:
+        names = {k.replace(".base_layer.", ".") for k in inner.state_dict() if ".lora_" not in k}
+        extra = sorted(set(reader.keys()) - names)
+        if extra:
+            why = f"the base stores tensors the model does not name: {extra[:3]}"
+    if why is not None:
+        log.info("merge: %s; merging in memory instead of streaming", why)
+        return False
+    for name, mask in masks.items():
+        shape = reader.shape(f"{name}.weight") if f"{name}.weight" in reader else None
+        if mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            raise ValueError(
+                f"mask for {name} must be a bool tensor of shape {shape}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+    check_shapes_against_config(base_dir, config)
+
+    with atomic_dir(out_dir, "merge", [base_dir, adapter_dir]) as tmp:
+        with ShardWriter(tmp, max_shard_bytes) as writer:
+            for key in tqdm(reader.keys(), desc="merge (streaming)", unit="tensor"):
+                t = reader.get(key)
+                w = t.to(load_dtype) if t.is_floating_point() else t
+                mod = lora.get(key)
+                if mod is not None:
+                    with torch.no_grad():
+                        for adapter in mod.active_adapters:
+                            if adapter not in mod.lora_A:
+                                continue
+                            update = mod.get_delta_weight(adapter).float()
+                            mask = masks.get(key.removesuffix(".weight"))
+                            if mask is not None:
+                                update = update * mask.to(dtype=torch.float32)
+                            w = (w.float() + update).to(load_dtype)
+                            del update
+                if w.is_floating_point():
+                    w = w.to(dtype)
+                writer.add(key, w)
+                del t, w
+        _write_config(base_dir, config, dtype, tmp)
+        for name in _TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+    return True
+
+
+def _write_config(base_dir: Path, config, dtype: torch.dtype, out: Path) -> None:
+    """``config.json`` (recording ``dtype``) and ``generation_config.json`` as
+    ``save_pretrained`` of the loaded model would write them."""
+    from transformers import GenerationConfig
+
+    config = copy.deepcopy(config)
+    config.dtype = dtype
+    config.save_pretrained(out)
+    if (base_dir / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(base_dir)
+    else:
+        gen = GenerationConfig.from_model_config(config)
+    gen.save_pretrained(out)

@@ -109,6 +109,7 @@ LAYERS = [
         "loram.models",
         "loram.install",
         "loram.convert",
+        "loram.shards",
         "loram.data",
         "loram.loss",
         "loram.quant",

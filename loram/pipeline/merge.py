@@ -56,9 +56,9 @@ def run(
         check_provenance(adapter, pruned, recovered=True)
     masks = None
     if manifest.get("masks_file"):
-        from loram.prune.masks import load_masks
+        from loram.prune.masks import open_masks
 
-        masks = load_masks(Path(pruned) / manifest["masks_file"])
+        masks = open_masks(Path(pruned) / manifest["masks_file"])  # unpacked one at a time
     if mp.target == "pruned" and masks is None:
         raise ValueError(
             f"merge.target = 'pruned' needs a semi / unstructured pruned model, not "
@@ -82,12 +82,10 @@ def run(
 
 
 def _sparsity(out: str, manifest: dict, masks: dict, target: str) -> dict:
-    from loram.models import load_hf_model
-    from loram.prune.sparse import mask_sparsity, sparsity_report
+    from loram.prune.sparse import streamed_sparsity
 
-    merged = load_hf_model(out, what="merged model")  # in its own dtype: zeros are exact in any
-    after = sparsity_report(merged, masks)
-    vs_mask = mask_sparsity(merged, masks)
+    # Read tensor by tensor from the merged shards, in their own dtype (zeros are exact in any).
+    after, vs_mask = streamed_sparsity(out, masks)
     before, val = vs_mask["mask_sparsity"], vs_mask["sparsity"]
     if target == "original":
         log.info(

@@ -54,77 +54,46 @@ def run(
     metrics: str,
     name: str = "",
 ) -> dict:
+    """Prune ``base`` into ``out`` layer by layer (``loram.prune.stream``): the model is never
+    loaded whole; the result equals pruning it in memory."""
     from loram.data import read_jsonl
-    from loram.models import (
-        artifact_dtype,
-        check_model_dir,
-        count_params,
-        default_device,
-        load_model,
-    )
-    from loram.prune.artifact import save_pruned
+    from loram.models import check_model_dir, default_device, load_config, load_tokenizer
     from loram.prune.common import pruned_layers
+    from loram.prune.stream import prune_to_dir
 
     check_outputs("prune", out, [base, data], metrics=metrics)
     check_model_dir(base, "base model")
     train_file = need_file(Path(data) / "train.jsonl", "training data")
-    # The base artifact's dtype: the calibration forwards run in it and the pruned model is
-    # saved in it. Taylor gradients and Wanda / SparseGPT statistics are fp32 regardless (see
-    # loram.prune.structured._taylor and loram.prune.sparse._InputStats).
-    model, tok = load_model(base, dtype=artifact_dtype(base))
-    layers = pruned_layers(model.config.num_hidden_layers, p.first_layer, p.last_dense)
+    config = load_config(base)
+    layers = pruned_layers(config.num_hidden_layers, p.first_layer, p.last_dense)
     crit = p.resolved_criterion
+    tok = load_tokenizer(base)
     calib = (
         calibration_batches(tok, read_jsonl(train_file), p.calib_samples, p.calib_seq_len, p.seed)
         if crit in ("taylor", "wanda", "sparsegpt")
         else None
     )
-    original = count_params(model)
-    model.to(default_device())
     t0 = time.time()
-    sparsity = None
-    if p.method in ("structured", "random"):
-        from loram.prune.structured import prune_structured
-
-        manifest = prune_structured(
-            model, p.ratio, layers, criterion=crit, calib_batches=calib, seed=p.seed
-        )
-        save_pruned(model, manifest, out, tokenizer=tok, inputs=[base, data])
-    else:
-        from loram.prune.masks import save_masks
-        from loram.prune.sparse import prune_sparse, sparse_manifest, sparsity_report
-
-        pattern = "nm" if p.method == "semi" else "unstructured"
-        masks = prune_sparse(
-            model,
-            layers,
-            pattern=pattern,
-            ratio=p.ratio,
-            n=p.n,
-            m=p.m,
-            criterion=crit,
-            calib_batches=calib,
-        )
-        sparsity = sparsity_report(model, masks)
-        manifest = sparse_manifest(
-            model,
-            layers,
-            pattern=pattern,
-            criterion=crit,
-            ratio=p.ratio,
-            n=p.n,
-            m=p.m,
-            sparsity=sparsity,
-        )
-        save_pruned(
-            model,
-            manifest,
-            out,
-            tokenizer=tok,
-            inputs=[base, data],
-            extra_files={manifest["masks_file"]: lambda path: save_masks(path, masks)},
-        )
-    pruned = count_params(model)
+    # The base artifact's dtype: the calibration forwards run in it and the pruned model is
+    # saved in it. Taylor gradients and Wanda / SparseGPT statistics are fp32 regardless (see
+    # loram.prune.stream.taylor_scores and loram.prune.sparse._InputStats).
+    got = prune_to_dir(
+        base,
+        out,
+        method=p.method,
+        ratio=p.ratio,
+        layers=layers,
+        criterion=crit,
+        n=p.n,
+        m=p.m,
+        calib_batches=calib,
+        seed=p.seed,
+        tokenizer=tok,
+        inputs=[base, data],
+        device=default_device(),
+    )
+    sparsity = got["sparsity"]
+    original, pruned = got["params_original"], got["params_pruned"]
     nonzero = pruned - int(sparsity["pruned"]["zeros"]) if sparsity is not None else None
     res = {
         **to_dict(p),

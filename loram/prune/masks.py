@@ -49,16 +49,73 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor]) -> None:
     """Write ``{module path: bool mask}`` to a safetensors file (packed bytes, shapes in metadata)."""
-    from safetensors.torch import save_file
-
     tensors = {name: pack_mask(m) for name, m in masks.items()}
     shapes = {name: list(m.shape) for name, m in masks.items()}
-    metadata = {"format": MASKS_FORMAT, "shapes": json.dumps(shapes)}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    save_packed_masks(path, tensors, shapes)
+
+
+def save_packed_masks(
+    path: str | os.PathLike,
+    packed: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, Sequence[int]],
+) -> None:
+    """:func:`save_masks` from masks already packed with :func:`pack_mask` (the streaming
+    pruner packs each layer's masks as soon as it is pruned: one bit per weight in memory).
+
+    The file has the same bytes for the same masks in every run (the pruned model's structure
+    digest hashes it)."""
+    from loram.shards import save_file_deterministic
+
+    if set(packed) != set(shapes):
+        raise ValueError("packed masks and shapes name different modules")
+    metadata = {
+        "format": MASKS_FORMAT,
+        "shapes": json.dumps({name: [int(s) for s in shapes[name]] for name in packed}),
+    }
+    save_file_deterministic(dict(packed), os.fspath(path), metadata)
 
 
 def load_masks(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Read masks written by :func:`save_masks`; with ``model``, check each against its weight."""
+    out = dict(open_masks(path).items())
+    if model is not None:
+        check_masks(model, out)
+    return out
+
+
+class PackedMasks(Mapping):
+    """The masks of a file written by :func:`save_masks`, kept packed (one bit per weight) and
+    unpacked to a bool tensor only when one is looked up: a read-only mapping that the
+    streaming merge walks mask by mask, where :func:`load_masks` would hold a byte per weight
+    of every pruned matrix at once."""
+
+    def __init__(self, path: str, packed: dict[str, torch.Tensor], shapes: dict) -> None:
+        self.path, self._packed, self._shapes = path, packed, shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        packed, shape = self._packed[name], self._shapes[name]
+        try:
+            mask = unpack_mask(packed, shape)
+        except ValueError as exc:
+            raise ValueError(f"mask file {self.path}: {name}: {exc}") from exc
+        numel = mask.numel()
+        if _packed_len(numel) * 8 > numel and not torch.equal(pack_mask(mask), packed):
+            raise ValueError(f"mask file {self.path}: {name}: padding bits are set (corrupt file)")
+        return mask
+
+    def __iter__(self):
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._shapes[name])
+
+
+def open_masks(path: str | os.PathLike) -> PackedMasks:
+    """The masks file ``path`` as a :class:`PackedMasks` (header and shapes checked now, each
+    mask when it is unpacked)."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -80,22 +137,10 @@ def load_masks(path: str | os.PathLike, model: nn.Module | None = None) -> dict[
         raise ValueError(f"mask file {path}: missing or unreadable 'shapes' metadata") from exc
     if not isinstance(shapes, dict) or set(shapes) != set(tensors):
         raise ValueError(f"mask file {path}: 'shapes' metadata does not list the stored masks")
-    out = {}
-    for name, packed in tensors.items():
-        shape = shapes[name]
+    for name, shape in shapes.items():
         if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
             raise ValueError(f"mask file {path}: bad shape {shape!r} for {name}")
-        try:
-            mask = unpack_mask(packed, shape)
-        except ValueError as exc:
-            raise ValueError(f"mask file {path}: {name}: {exc}") from exc
-        numel = mask.numel()
-        if _packed_len(numel) * 8 > numel and not torch.equal(pack_mask(mask), packed):
-            raise ValueError(f"mask file {path}: {name}: padding bits are set (corrupt file)")
-        out[name] = mask
-    if model is not None:
-        check_masks(model, out)
-    return out
+    return PackedMasks(path, tensors, shapes)
 
 
 def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:

@@ -399,55 +399,131 @@ def prune_sparse(
     ``attention_mask``; padding is excluded from the statistics); ``magnitude`` needs none.
     Masks are CPU bool tensors keyed by module path (``model.layers.4.self_attn.q_proj``).
     """
-    _check_args(pattern, criterion, ratio, n, m)
-    all_layers = decoder_layers(model)
-    targets = sorted({int(i) for i in layers})
-    for i in targets:
-        if not 0 <= i < len(all_layers):
-            raise ValueError(f"layer {i} out of range: the model has {len(all_layers)} layers")
-    if pattern == "nm":
-        for i in targets:
-            for proj in LINEAR_PROJ:
-                path = module_path(i, proj)
-                _check_nm(model.get_submodule(path).weight.shape[1], n, m, path)
+    walk = SparseWalk(
+        model,
+        layers,
+        pattern=pattern,
+        ratio=ratio,
+        n=n,
+        m=m,
+        criterion=criterion,
+        calib_batches=calib_batches,
+    )
     masks: dict[str, torch.Tensor] = {}
-    if not targets:
-        return masks
-
-    if criterion == "magnitude":
-        for i in tqdm(targets, desc="prune (magnitude)", disable=not progress):
-            for proj in LINEAR_PROJ:
-                path = module_path(i, proj)
-                masks[path] = _prune_module(model, path, criterion, pattern, ratio, n, m, None)
-        return masks
-
-    if calib_batches is None:
-        raise ValueError(f"criterion {criterion!r} needs calib_batches (use 'magnitude' without)")
-    was_training = model.training
-    model.eval()
     try:
-        captured = _capture(model, all_layers, targets[-1], calib_batches)
-        if not captured:
+        steps = walk.targets if criterion == "magnitude" else range(walk.last + 1)
+        for i in tqdm(steps, desc=f"prune ({criterion})", disable=not progress):
+            masks.update(walk.step(i))
+    finally:
+        walk.close()
+    return masks
+
+
+class SparseWalk:
+    """The sequential walk of :func:`prune_sparse`, one decoder layer per :meth:`step`.
+
+    ``step(i)`` must be called for ``i = 0, 1, ...`` in order (up to :attr:`last`; layers after
+    it need no step) with layer ``i``'s weights in place; it prunes the layer if it is a target
+    and, for the calibrated criteria, runs the calibration activations through it to give the
+    next layer its inputs. Layers other than the current one may be on the meta device, so the
+    streaming pruner (``loram.prune.stream``) loads one layer at a time; the embeddings must be
+    real when the walk is created (they make the first layer's inputs).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[int],
+        *,
+        pattern: Pattern = "unstructured",
+        ratio: float = 0.55,
+        n: int = 2,
+        m: int = 4,
+        criterion: Criterion = "wanda",
+        calib_batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
+        _check_args(pattern, criterion, ratio, n, m)
+        self.model = model
+        self.all_layers = decoder_layers(model)
+        self.targets = sorted({int(i) for i in layers})
+        for i in self.targets:
+            if not 0 <= i < len(self.all_layers):
+                raise ValueError(
+                    f"layer {i} out of range: the model has {len(self.all_layers)} layers"
+                )
+        if pattern == "nm":
+            for i in self.targets:
+                for proj in LINEAR_PROJ:
+                    path = module_path(i, proj)
+                    _check_nm(model.get_submodule(path).weight.shape[1], n, m, path)
+        self.pattern, self.ratio, self.n, self.m, self.criterion = pattern, ratio, n, m, criterion
+        self.last = self.targets[-1] if self.targets else -1
+        self.wanted = set(self.targets)
+        self.was_training = model.training
+        self.captured: list[_Captured] = []
+        self.hidden: list[torch.Tensor] = []
+        if criterion == "magnitude" or not self.targets:
+            return
+        if calib_batches is None:
+            raise ValueError(
+                f"criterion {criterion!r} needs calib_batches (use 'magnitude' without)"
+            )
+        model.eval()
+        with torch.no_grad():
+            self.captured = _capture(model, self.all_layers, self.last, calib_batches)
+        if not self.captured:
+            model.train(self.was_training)
             raise ValueError("calib_batches is empty")
-        hidden = [rec.hidden for rec in captured]
-        for rec in captured:
+        self.hidden = [rec.hidden for rec in self.captured]
+        for rec in self.captured:
             rec.hidden = None
-        wanted = set(targets)
-        bar = tqdm(range(targets[-1] + 1), desc=f"prune ({criterion})", disable=not progress)
-        for i in bar:
-            layer = all_layers[i]
-            if i in wanted:
-                stats = _collect_stats(model, layer, i, hidden, captured, criterion == "sparsegpt")
+
+    @torch.no_grad()
+    def step(self, i: int) -> dict[str, torch.Tensor]:
+        """Prune layer ``i`` if it is a target and propagate; return its kept masks."""
+        masks: dict[str, torch.Tensor] = {}
+        if self.criterion == "magnitude":
+            if i in self.wanted:
                 for proj in LINEAR_PROJ:
                     path = module_path(i, proj)
                     masks[path] = _prune_module(
-                        model, path, criterion, pattern, ratio, n, m, stats.pop(path)
+                        self.model,
+                        path,
+                        "magnitude",
+                        self.pattern,
+                        self.ratio,
+                        self.n,
+                        self.m,
+                        None,
                     )
-            for b, rec in enumerate(captured):
-                hidden[b] = _run_layer(layer, hidden[b], rec.calls.pop(i))
-    finally:
-        model.train(was_training)
-    return masks
+            return masks
+        if i > self.last:
+            return masks
+        layer = self.all_layers[i]
+        if i in self.wanted:
+            stats = _collect_stats(
+                self.model, layer, i, self.hidden, self.captured, self.criterion == "sparsegpt"
+            )
+            for proj in LINEAR_PROJ:
+                path = module_path(i, proj)
+                masks[path] = _prune_module(
+                    self.model,
+                    path,
+                    self.criterion,
+                    self.pattern,
+                    self.ratio,
+                    self.n,
+                    self.m,
+                    stats.pop(path),
+                )
+        for b, rec in enumerate(self.captured):
+            self.hidden[b] = _run_layer(layer, self.hidden[b], rec.calls.pop(i))
+        return masks
+
+    def close(self) -> None:
+        """Drop the activations and restore the model's train/eval mode."""
+        self.hidden, self.captured = [], []
+        self.model.train(self.was_training)
 
 
 def _collect_stats(
@@ -563,23 +639,34 @@ def sparsity_report(
         paths = list(layers_or_masks)
     else:
         paths = [module_path(int(i), proj) for i in layers_or_masks for proj in LINEAR_PROJ]
-    modules: dict[str, dict[str, float | int]] = {}
-    per_layer: dict[str, list[int]] = {}
+    counts = {}
     for path in paths:
         w = model.get_submodule(path).weight
-        zeros, numel = int((w == 0).sum().item()), w.numel()
-        modules[path] = _count(zeros, numel)
-        match = _LAYER_RE.search(path)
-        key = match.group(1) if match else "other"
-        acc = per_layer.setdefault(key, [0, 0])
-        acc[0] += zeros
-        acc[1] += numel
+        counts[path] = (int((w == 0).sum().item()), w.numel())
     all_zeros = all_numel = 0
     for i in range(len(decoder_layers(model))):
         for proj in LINEAR_PROJ:
             w = model.get_submodule(module_path(i, proj)).weight
             all_zeros += int((w == 0).sum().item())
             all_numel += w.numel()
+    return sparsity_from_counts(counts, all_zeros, all_numel)
+
+
+def sparsity_from_counts(
+    counts: Mapping[str, tuple[int, int]], all_zeros: int, all_numel: int
+) -> dict[str, Any]:
+    """:func:`sparsity_report` from ``{path: (zeros, numel)}`` of the pruned matrices and the
+    zero / total counts of every decoder layer's seven projections (the streaming pruner
+    counts them layer by layer)."""
+    modules: dict[str, dict[str, float | int]] = {}
+    per_layer: dict[str, list[int]] = {}
+    for path, (zeros, numel) in counts.items():
+        modules[path] = _count(zeros, numel)
+        match = _LAYER_RE.search(path)
+        key = match.group(1) if match else "other"
+        acc = per_layer.setdefault(key, [0, 0])
+        acc[0] += zeros
+        acc[1] += numel
     pz = sum(v["zeros"] for v in modules.values())
     pn = sum(v["numel"] for v in modules.values())
     layer_keys = sorted(per_layer, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0))
@@ -612,6 +699,48 @@ def mask_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[s
         "pruned_nonzero": removed - zero_removed,
         "numel": numel,
     }
+
+
+def streamed_sparsity(
+    model_dir, masks: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(sparsity_report(model, masks), mask_sparsity(model, masks))`` of the model saved in
+    ``model_dir``, reading one weight at a time instead of loading the model."""
+    from loram.models import load_config
+    from loram.shards import ShardReader
+
+    reader = ShardReader(model_dir)
+    n_layers = int(load_config(model_dir).num_hidden_layers)
+    counts: dict[str, tuple[int, int]] = {}
+    all_zeros = all_numel = 0
+    removed = zero_removed = numel = 0
+    for path, mask in masks.items():
+        key = f"{path}.weight"
+        if key not in reader:
+            raise ValueError(f"mask {path} names no weight in {model_dir}")
+        w = reader.get(key)
+        if tuple(w.shape) != tuple(mask.shape):
+            raise ValueError(
+                f"mask {path} has shape {tuple(mask.shape)} but the model's weight has shape "
+                f"{tuple(w.shape)}"
+            )
+        counts[path] = (int((w == 0).sum().item()), w.numel())
+        gone = ~mask.to(dtype=torch.bool)
+        removed += int(gone.sum().item())
+        zero_removed += int((gone & (w == 0)).sum().item())
+        numel += w.numel()
+    for i in range(n_layers):
+        for proj in LINEAR_PROJ:
+            w = reader.get(f"{module_path(i, proj)}.weight")
+            all_zeros += int((w == 0).sum().item())
+            all_numel += w.numel()
+    vs_mask = {
+        "mask_sparsity": removed / numel if numel else 0.0,
+        "sparsity": zero_removed / numel if numel else 0.0,
+        "pruned_nonzero": removed - zero_removed,
+        "numel": numel,
+    }
+    return sparsity_from_counts(counts, all_zeros, all_numel), vs_mask
 
 
 def sparse_manifest(

@@ -479,30 +479,92 @@ def prune_structured(
     original = sum(p.numel() for p in model.parameters())
     structure: dict[str, dict[str, list[int]]] = {}
     if criterion == "random":
-        gen = torch.Generator().manual_seed(seed)
-        for layer in layers:
-            heads = sorted(torch.randperm(kv, generator=gen)[:n_kv].tolist())
-            chans = sorted(torch.randperm(d, generator=gen)[:n_mlp].tolist())
-            structure[str(layer)] = {"kv_heads": heads, "mlp_channels": chans}
+        structure = random_structure(geom, ratio, layers, seed)
     else:
         scores = structured_importance(model, layers, criterion, calib_batches, progress)
         for layer in layers:
-            structure[str(layer)] = {
-                "kv_heads": _top(scores[layer]["kv_heads"], n_kv),
-                "mlp_channels": _top(scores[layer]["mlp_channels"], n_mlp),
-            }
+            structure[str(layer)] = kept_structure(scores[layer], n_kv, n_mlp)
 
-    manifest = {
+    manifest = structured_manifest(model.config, criterion, ratio, layers, structure, original)
+    apply_structure(model, manifest)
+    manifest["params"]["pruned"] = sum(p.numel() for p in model.parameters())
+    return manifest
+
+
+def random_structure(
+    geom: Mapping[str, int], ratio: float, layers: Iterable[int], seed: int
+) -> dict[str, dict[str, list[int]]]:
+    """LoRAM-Rand's kept KV heads and MLP channels per layer (one generator, layers in order)."""
+    kv, d = geom["num_key_value_heads"], geom["intermediate_size"]
+    n_kv, n_mlp = kept_kv_heads(kv, ratio), kept_mlp_channels(d, ratio)
+    gen = torch.Generator().manual_seed(seed)
+    structure = {}
+    for layer in sorted(set(int(x) for x in layers)):
+        heads = sorted(torch.randperm(kv, generator=gen)[:n_kv].tolist())
+        chans = sorted(torch.randperm(d, generator=gen)[:n_mlp].tolist())
+        structure[str(layer)] = {"kv_heads": heads, "mlp_channels": chans}
+    return structure
+
+
+def kept_structure(scores: Mapping[str, torch.Tensor], n_kv: int, n_mlp: int) -> dict:
+    """The ``n_kv`` best KV heads and ``n_mlp`` best MLP channels of one layer's scores."""
+    return {
+        "kv_heads": _top(scores["kv_heads"], n_kv),
+        "mlp_channels": _top(scores["mlp_channels"], n_mlp),
+    }
+
+
+def structured_manifest(
+    config: Any, criterion: str, ratio: float, layers: list[int], structure: dict, original: int
+) -> dict:
+    """The manifest of a structured / random pruning (``params.pruned`` still None)."""
+    return {
         "format": FORMAT,
         "method": "random" if criterion == "random" else "structured",
         "criterion": criterion,
         "ratio": float(ratio),
         "layers": layers,
-        "model_type": getattr(model.config, "model_type", None),
-        "geometry": geom,
+        "model_type": getattr(config, "model_type", None),
+        "geometry": geometry(config),
         "structure": structure,
         "params": {"original": original, "pruned": None},
     }
-    apply_structure(model, manifest)
-    manifest["params"]["pruned"] = sum(p.numel() for p in model.parameters())
-    return manifest
+
+
+def layer_scores(
+    tensors: Mapping[str, torch.Tensor], geom: Mapping[str, int], elem: Any
+) -> dict[str, torch.Tensor]:
+    """Importance of one layer's KV heads and MLP channels from its tensors
+    (``self_attn.q_proj.weight`` ... as in the layer's state dict), as :func:`_group_scores`."""
+    from types import SimpleNamespace
+
+    lins = {}
+    for proj in LINEAR_PROJ:
+        block = module_path(0, proj).split(".", 3)[3]  # self_attn.q_proj / mlp.up_proj
+        lins[proj] = SimpleNamespace(
+            weight=tensors[f"{block}.weight"], bias=tensors.get(f"{block}.bias")
+        )
+    heads, mlp = _group_scores(lins, elem, geom)
+    return {"kv_heads": heads.cpu(), "mlp_channels": mlp.cpu()}
+
+
+def shrink_layer_tensors(
+    tensors: Mapping[str, torch.Tensor], entry: Mapping[str, list[int]], geom: Mapping[str, int]
+) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors (names relative to the layer) with the kept rows / columns
+    of ``entry`` (a manifest ``structure`` entry) sliced out exactly as :func:`apply_structure`
+    slices them; other tensors are returned as they are."""
+    q_ch, kv_ch = _kept_channels(torch.tensor(entry["kv_heads"], dtype=torch.long), geom)
+    fam = {"q": q_ch, "kv": kv_ch, "mlp": torch.tensor(entry["mlp_channels"], dtype=torch.long)}
+    out = dict(tensors)
+    for proj in LINEAR_PROJ:
+        axis, family = _AXIS[proj]
+        block = module_path(0, proj).split(".", 3)[3]
+        idx = fam[family].to(tensors[f"{block}.weight"].device)
+        out[f"{block}.weight"] = tensors[f"{block}.weight"].index_select(
+            0 if axis == "out" else 1, idx
+        )
+        bias = tensors.get(f"{block}.bias")
+        if bias is not None:
+            out[f"{block}.bias"] = bias.index_select(0, idx) if axis == "out" else bias.clone()
+    return out

@@ -284,7 +284,7 @@ def _train(
                 cfg.micro_batch,
                 pad_id,
                 sharded,
-                getattr(cfg, "loss_chunk", 0),
+                chunk,
             )
         history.append(rec)
         bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "step"})

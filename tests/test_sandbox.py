@@ -96,6 +96,15 @@ def test_infinite_loop_times_out_quickly():
     assert not _sandboxed_processes()
 
 
+def test_program_ending_as_the_alarm_fires_is_never_misreported():
+    """The wall-clock alarm may fire just after the program ended (a CPU-bound program hits its
+    CPU limit at about the same instant): the launcher must still report, never crash. Sweep the
+    program's end across the alarm."""
+    for k in range(16):
+        res = check_program(f"import time\ntime.sleep({0.16 + 0.01 * k:.2f})\n", timeout_s=0.25)
+        assert res.status in ("passed", "timeout"), (k, res.status, res.reason, res.stderr[-300:])
+
+
 def test_sleeping_program_is_killed_at_wall_clock_timeout():
     start = time.monotonic()
     res = check_program("import time\ntime.sleep(30)\n", timeout_s=1.0)
@@ -444,7 +453,9 @@ def forbid_namespaces(tmp_path, monkeypatch):
     fake = tmp_path / "bin"
     fake.mkdir()
     script = fake / "unshare"
-    script.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    script.write_text(
+        "#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n"
+    )
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     sandbox.reset()

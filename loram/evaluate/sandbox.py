@@ -55,6 +55,7 @@ except ImportError:  # this file used on its own (it needs only the standard lib
     class LoramError(Exception):  # type: ignore[no-redef]
         """Stand-in for loram.errors.LoramError."""
 
+
 Status = Literal["passed", "failed", "timeout", "error"]
 ISOLATION_MODES = ("namespaces", "userns", "rlimits")
 SANDBOX_POLICIES = ("strict", "rlimits")
@@ -63,6 +64,7 @@ SANDBOX_POLICIES = ("strict", "rlimits")
 
 class SandboxUnavailable(LoramError):
     """``strict`` sandbox requested but no namespace isolation works on this machine."""
+
 
 #: launcher exit code meaning "the sandbox could not be set up" (never the program's fault)
 SETUP_EXIT = 121
@@ -178,24 +180,21 @@ if pid == 0:
         fail("cannot exec %s: %s" % (cfg["python"], exc))
 import signal
 
-class Deadline(Exception):
-    pass
-
-def on_alarm(signum, frame):
-    raise Deadline()
-
-signal.signal(signal.SIGALRM, on_alarm)
-signal.setitimer(signal.ITIMER_REAL, cfg["timeout_s"])
 timed_out = False
-try:
-    _, wstatus = os.waitpid(pid, 0)
-except Deadline:
+
+# The alarm handler kills the program and returns (it never raises): the alarm may fire at any
+# point, even just after the program died of its CPU limit, which is near the same instant.
+def on_alarm(signum, frame):
+    global timed_out
     timed_out = True
     try:
         os.kill(pid, 9)
     except OSError:
         pass
-    _, wstatus = os.waitpid(pid, 0)
+
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, cfg["timeout_s"])
+_, wstatus = os.waitpid(pid, 0)  # retried after the handler runs (PEP 475)
 signal.setitimer(signal.ITIMER_REAL, 0)
 def reap_orphans():
     me = str(os.getpid())

@@ -368,10 +368,22 @@ _ATTN = (
 )
 AttnImplementation = Literal["sdpa", "eager"]
 LOSS_CHUNK_DEFAULT = 256
-GRAD_CKPT_DEFAULT = True
+GRAD_CKPT_DEFAULT = False  # on CPU at the default scale it doubles training time; profiles for GPUs turn it on
 
 
-class AlignParams(_Params):
+class EngineParams(_Params):
+    """How a training loop runs (alignment and LoRA training share these): processes, sharding,
+    precision and the memory options that benchmarks/train_cost.py measures."""
+
+    processes: int = Field(1, ge=1, description=_PROCESSES)
+    sharding: Sharding = Field("none", description=_SHARDING)
+    precision: Precision = Field("auto", description=_PRECISION)
+    loss_chunk: int = Field(LOSS_CHUNK_DEFAULT, ge=0, description=_LOSS_CHUNK)
+    grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
+    attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
+
+
+class AlignParams(EngineParams):
     enabled: bool = True
     max_steps: int = Field(20, ge=0)
     lr: float = Field(5e-5, gt=0)
@@ -394,12 +406,6 @@ class AlignParams(_Params):
     max_val_blocks: int = Field(
         16, ge=1, description="Held-out ``seq_len`` blocks for the validation loss."
     )
-    processes: int = Field(1, ge=1, description=_PROCESSES)
-    sharding: Sharding = Field("none", description=_SHARDING)
-    precision: Precision = Field("auto", description=_PRECISION)
-    loss_chunk: int = Field(LOSS_CHUNK_DEFAULT, ge=0, description=_LOSS_CHUNK)
-    grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
-    attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
     seed: int = 0
 
 
@@ -407,7 +413,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LoraTarget = Literal[LORA_TARGETS]
 
 
-class TrainParams(_Params):
+class TrainParams(EngineParams):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -434,12 +440,6 @@ class TrainParams(_Params):
     )
     weight_decay: float = Field(0.0, ge=0)
     quantize: Literal["none", "nf4"] = Field("none", description="nf4: QLoRAM (NF4 base).")
-    processes: int = Field(1, ge=1, description=_PROCESSES)
-    sharding: Sharding = Field("none", description=_SHARDING)
-    precision: Precision = Field("auto", description=_PRECISION)
-    loss_chunk: int = Field(LOSS_CHUNK_DEFAULT, ge=0, description=_LOSS_CHUNK)
-    grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
-    attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
     seed: int = 0
 
 

@@ -151,7 +151,7 @@ def train_loop(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
-    sharded = getattr(cfg, "sharding", "none") == "fsdp"
+    sharded = cfg.sharding == "fsdp"
     if sharded and after_step is not None:
         raise ArtifactError(
             "sharding: fsdp cannot re-apply sparsity masks after each step (semi / unstructured "
@@ -228,7 +228,7 @@ def _train(
     # The chunked loss calls the decoder body and lm_head itself, so it runs only on a model no
     # engine has wrapped: DDP's gradient sync and FSDP's unsharding hook the wrapper's forward.
     # With several processes or FSDP the stock loss runs through the wrapped forward instead.
-    chunk = getattr(cfg, "loss_chunk", 0)
+    chunk = cfg.loss_chunk
     if chunk and (acc.num_processes > 1 or sharded):
         if main:
             log.info(

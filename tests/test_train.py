@@ -349,11 +349,11 @@ def test_setup_training_runs_the_attention_it_asks_for(impl, monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     model = _model(tiny_llama, "lora", False)  # built with eager (loram.tiny)
-    setup_training(model, TrainParams(attn_implementation=impl))
+    setup_training(model, TrainParams(attn_implementation=impl, grad_checkpointing=True))
     assert attn_implementation(model) == impl
     batch, _ = _ragged_batch()
     model.train()
     batch_loss(model, batch, "cpu", 4)[0].backward()
     layers = model.get_base_model().config.num_hidden_layers
-    # with grad checkpointing (the default) each layer also runs again in the backward pass
+    # with grad checkpointing each layer also runs again in the backward pass
     assert calls["n"] == (2 * layers if impl == "sdpa" else 0)

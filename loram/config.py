@@ -368,7 +368,8 @@ _ATTN = (
 )
 AttnImplementation = Literal["sdpa", "eager"]
 LOSS_CHUNK_DEFAULT = 256
-GRAD_CKPT_DEFAULT = False  # on CPU at the default scale it doubles training time; profiles for GPUs turn it on
+# Off by default: on CPU at the default scale it doubles training time; GPU profiles turn it on.
+GRAD_CKPT_DEFAULT = False
 
 
 class EngineParams(_Params):

@@ -530,7 +530,9 @@ def verdict_sentences(arms: Sequence[Mapping[str, Any]]) -> list[str]:
                 mine, theirs = df.at[mine_name, col], df.at[name, col]
                 if pd.isna(mine) or pd.isna(theirs):
                     continue
-                head = f"{column_label(col)} {format_value(col, mine)} vs {format_value(col, theirs)}"
+                head = (
+                    f"{column_label(col)} {format_value(col, mine)} vs {format_value(col, theirs)}"
+                )
                 cmp = _paired(me, other, col)
                 if cmp is None:
                     parts.append(f"{head} (no per-document results: no verdict)")
@@ -632,9 +634,8 @@ def footnotes(arms: Sequence[Mapping[str, Any]]) -> list[str]:
             )
             if task == "humaneval" and info.get("n_samples") is not None:
                 temp = info.get("temperature")
-                text += (
-                    f"; {info['n_samples']} completion(s) per problem, "
-                    + ("greedy" if not temp else f"temperature {temp}")
+                text += f"; {info['n_samples']} completion(s) per problem, " + (
+                    "greedy" if not temp else f"temperature {temp}"
                 )
             seen.setdefault(task, text)
         sb = bench.get("sandbox")
@@ -949,9 +950,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path |
 # report
 
 
-def results_records(
-    df: pd.DataFrame, arms_in: Sequence[Mapping[str, Any]] = ()
-) -> dict[str, Any]:
+def results_records(df: pd.DataFrame, arms_in: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The table as ``{"arms": {arm: {column: value}}}`` (DVC metrics ignore top-level lists):
     numbers only (the description stays in the markdown), with ``<column>_stderr`` /
     ``_ci95_low`` / ``_ci95_high`` where the arm has error bars."""

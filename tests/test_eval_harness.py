@@ -385,8 +385,10 @@ def test_mathqa_from_a_local_copy_builds_the_stock_requests(tmp_path):
     "content, message",
     [
         ('{"Problem": "p", "options": "a ) 1 , b ) 2", "correct": "a"}\n', "do not parse"),
-        ('{"Problem": "p", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5", "correct": "f"}\n',
-         "correct = 'f'"),
+        (
+            '{"Problem": "p", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5", "correct": "f"}\n',
+            "correct = 'f'",
+        ),
         ('{"Problem": "p"}\n', "expected an object with Problem, options, correct"),
         ("{not json\n", "line 1: not JSON"),
     ],
@@ -467,7 +469,9 @@ def test_hub_plan_uses_stock_names(monkeypatch):
 
 def test_local_plan_metadata_and_mathqa_skip(tmp_path):
     runs, skipped = harness.plan_benchmarks(
-        ["gsm8k", "mathqa", "humaneval"], cache_dir=tmp_path, humaneval_n=4,
+        ["gsm8k", "mathqa", "humaneval"],
+        cache_dir=tmp_path,
+        humaneval_n=4,
         humaneval_temperature=0.8,
     )
     assert "mathqa" in skipped and "eval.mathqa.path" in skipped["mathqa"]
@@ -493,8 +497,13 @@ def test_humaneval_defaults_are_stock_greedy_pass1(tmp_path):
 def test_humaneval_plan_fails_closed_without_namespaces(tmp_path, monkeypatch):
     from loram.evaluate import sandbox
 
-    weak = sandbox.SandboxInfo("rlimits", "python3", (), ("no network isolation",),
-                               ("userns isolation unavailable: forced",))
+    weak = sandbox.SandboxInfo(
+        "rlimits",
+        "python3",
+        (),
+        ("no network isolation",),
+        ("userns isolation unavailable: forced",),
+    )
     monkeypatch.setattr(sandbox, "sandbox_info", lambda: weak)
     called = []
     monkeypatch.setattr(harness, "_make_lm", lambda *a, **k: called.append(1))
@@ -535,7 +544,11 @@ def test_run_benchmarks_smoke_tiny_model(tmp_path):
     tok = tiny_tokenizer()
     assert tok.decode(tok("Q: 1 + 1?\nA:").input_ids) == "Q: 1 + 1?\nA:"
     out = harness.run_benchmarks(
-        tiny_llama(), tok, tasks=["arc_easy", "piqa"], limit=3, cache_dir=tmp_path,
+        tiny_llama(),
+        tok,
+        tasks=["arc_easy", "piqa"],
+        limit=3,
+        cache_dir=tmp_path,
         log_samples=True,
     )
     text = json.dumps(out)

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_ci():
-    spec = importlib.util.spec_from_file_location("ci_pipeline", ROOT / "scripts" / "ci_pipeline.py")
+    spec = importlib.util.spec_from_file_location(
+        "ci_pipeline", ROOT / "scripts" / "ci_pipeline.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("ci_pipeline", mod)
     spec.loader.exec_module(mod)
@@ -114,7 +116,10 @@ def test_evaluate_stops_before_the_model_when_the_sandbox_is_unavailable(
     from loram.evaluate import sandbox
 
     weak = sandbox.SandboxInfo(
-        "rlimits", "python3", (), ("no network isolation",),
+        "rlimits",
+        "python3",
+        (),
+        ("no network isolation",),
         ("namespaces isolation unavailable: unshare: Operation not permitted",),
     )
     monkeypatch.setattr(sandbox, "sandbox_info", lambda: weak)
@@ -124,8 +129,15 @@ def test_evaluate_stops_before_the_model_when_the_sandbox_is_unavailable(
         (data / name).write_text('{"text": "x"}\n')
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    argv = ["evaluate", "--model", "no-such-model", "--data", str(data),
-            "--out", "metrics/arms/x.json"]
+    argv = [
+        "evaluate",
+        "--model",
+        "no-such-model",
+        "--data",
+        str(data),
+        "--out",
+        "metrics/arms/x.json",
+    ]
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2

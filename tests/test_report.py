@@ -257,10 +257,14 @@ def test_verdict_sentences(tmp_path: Path) -> None:
         "loram vs no_recovery",
     }
     vs_orig = sentences["loram vs original"]
-    assert re.search(r"in_domain ppl 3\.91 vs 4\.33 \(better, p = [0-9.e-]+, paired bootstrap\)", vs_orig)
+    assert re.search(
+        r"in_domain ppl 3\.91 vs 4\.33 \(better, p = [0-9.e-]+, paired bootstrap\)", vs_orig
+    )
     assert re.search(r"general_text ppl 30\.10 vs 28\.00 \(worse, p = ", vs_orig)
     assert "GSM8K strict 10.0% vs 8.0% (no detectable difference (n = 50))" in vs_orig
-    assert re.search(r"CSR mean 43\.0% vs 40\.0% \(better, p = [0-9.e-]+, paired bootstrap\)", vs_orig)
+    assert re.search(
+        r"CSR mean 43\.0% vs 40\.0% \(better, p = [0-9.e-]+, paired bootstrap\)", vs_orig
+    )
     assert "ood_gsm8k ppl 4.20 vs 5.00 (no per-document results: no verdict)" in vs_orig
     assert "better on 2, worse on 1, no verdict on 2 of 5" in vs_orig
     vs_full = sentences["loram vs lora_full"]  # no per-document results for lora_full
@@ -275,10 +279,16 @@ def test_verdict_sentences(tmp_path: Path) -> None:
 def test_small_samples_never_get_a_verdict(tmp_path: Path) -> None:
     """The issue's case: WinoGrande 70% vs 50% on 10 documents is not a difference."""
     arms = {
-        "original": {"arm": "original", "kind": "original",
-                     "bench": {"winogrande/acc": 0.5, "winogrande/acc_stderr": 0.167}},
-        "loram": {"arm": "loram", "kind": "loram",
-                  "bench": {"winogrande/acc": 0.7, "winogrande/acc_stderr": 0.153}},
+        "original": {
+            "arm": "original",
+            "kind": "original",
+            "bench": {"winogrande/acc": 0.5, "winogrande/acc_stderr": 0.167},
+        },
+        "loram": {
+            "arm": "loram",
+            "kind": "loram",
+            "bench": {"winogrande/acc": 0.7, "winogrande/acc_stderr": 0.153},
+        },
     }
     mdir = write_arms(tmp_path / "m", arms)
     write_details(mdir, "loram", scores("winogrande", "acc", [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]))
@@ -290,20 +300,43 @@ def test_small_samples_never_get_a_verdict(tmp_path: Path) -> None:
 def test_table_shows_error_bars(tmp_path: Path) -> None:
     arms = {
         "original": {
-            "arm": "original", "kind": "original",
-            "ppl": {"in_domain": 4.33}, "ppl_ci95": {"in_domain": {"low": 4.1, "high": 4.6}},
-            "bench": {"csr": 0.4, "csr_stderr": 0.029, "csr_ci95_low": 0.34, "csr_ci95_high": 0.46,
-                      "humaneval/pass@1": 0.0, "humaneval/pass@1_stderr": 0.0,
-                      "humaneval/pass@1_ci95_low": 0.0, "humaneval/pass@1_ci95_high": 0.5615},
+            "arm": "original",
+            "kind": "original",
+            "ppl": {"in_domain": 4.33},
+            "ppl_ci95": {"in_domain": {"low": 4.1, "high": 4.6}},
+            "bench": {
+                "csr": 0.4,
+                "csr_stderr": 0.029,
+                "csr_ci95_low": 0.34,
+                "csr_ci95_high": 0.46,
+                "humaneval/pass@1": 0.0,
+                "humaneval/pass@1_stderr": 0.0,
+                "humaneval/pass@1_ci95_low": 0.0,
+                "humaneval/pass@1_ci95_high": 0.5615,
+            },
         },
     }
     mdir = write_arms(tmp_path / "m", arms)
-    write_details(mdir, "original", [], {"arm": "original", "bench": {
-        "seeds": {"fewshot": 1234},
-        "sandbox": {"isolation": "userns", "policy": "strict"},
-        "tasks": {"piqa": {"n_docs": 50, "n_docs_total": 1838, "num_fewshot": 1,
-                           "split_note": "few-shot examples from validation (stock: train)"}},
-    }})
+    write_details(
+        mdir,
+        "original",
+        [],
+        {
+            "arm": "original",
+            "bench": {
+                "seeds": {"fewshot": 1234},
+                "sandbox": {"isolation": "userns", "policy": "strict"},
+                "tasks": {
+                    "piqa": {
+                        "n_docs": 50,
+                        "n_docs_total": 1838,
+                        "num_fewshot": 1,
+                        "split_note": "few-shot examples from validation (stock: train)",
+                    }
+                },
+            },
+        },
+    )
     loaded = report.collect_arms(mdir)
     md = report.render_markdown(loaded)
     rows = table_rows(md)

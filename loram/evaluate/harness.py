@@ -386,7 +386,9 @@ def run_benchmarks(
             )
             if res is None:  # not rank 0
                 continue
-            task_records = sample_records(run.name, res.get("samples", {}).get(run.lm_eval_task, []))
+            task_records = sample_records(
+                run.name, res.get("samples", {}).get(run.lm_eval_task, [])
+            )
             records += task_records
             docs = per_doc_scores(task_records)
             per_doc.update(docs)
@@ -466,8 +468,13 @@ def _collect(
         summary[key] = v
         if docs.get(key):
             s = stats.summarize(docs[key])
-            summary.update({f"{key}_stderr": s.stderr, f"{key}_ci95_low": s.ci_low,
-                            f"{key}_ci95_high": s.ci_high})
+            summary.update(
+                {
+                    f"{key}_stderr": s.stderr,
+                    f"{key}_ci95_low": s.ci_low,
+                    f"{key}_ci95_high": s.ci_high,
+                }
+            )
         else:
             err = _number(metrics.get(raw.replace(",", "_stderr,", 1)))
             if err is not None:

@@ -194,7 +194,12 @@ def compare(
         d = x - y
         se = stderr(d)
         return Comparison(
-            diff, diff - Z95 * se, diff + Z95 * se, p, n, "mcnemar",
+            diff,
+            diff - Z95 * se,
+            diff + Z95 * se,
+            p,
+            n,
+            "mcnemar",
             _verdict(diff, p, n, False, alpha),
         )
     return compare_groups({"": x}, {"": y}, alpha=alpha, resamples=resamples, seed=seed)
@@ -235,7 +240,12 @@ def compare_groups(
     p = _boot_p(draws)
     n = sum(len(v) for v in xa.values())
     return Comparison(
-        float(diff), float(lo), float(hi), p, n, "paired bootstrap",
+        float(diff),
+        float(lo),
+        float(hi),
+        p,
+        n,
+        "paired bootstrap",
         _verdict(float(diff), p, n, lower_is_better, alpha),
     )
 
@@ -246,9 +256,7 @@ def ppl_statistic(groups: Mapping[str, np.ndarray]) -> float:
     return float(np.exp(min(rows[:, 0].sum() / rows[:, 1].sum(), 50.0)))
 
 
-def compare_ppl(
-    a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], **kwargs
-) -> Comparison:
+def compare_ppl(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], **kwargs) -> Comparison:
     """Paired bootstrap of the perplexity difference A - B over documents (rows
     ``[nll, tokens]``; lower is better)."""
     return compare_groups(

@@ -232,13 +232,17 @@ def _mathqa_rows(path: Path) -> list[dict[str, Any]]:
     for i, row in numbered:
         where = f"eval.mathqa.path {path} row {i}"
         if not isinstance(row, dict) or any(k not in row for k in MATHQA_FIELDS):
-            raise LoramError(f"{where}: expected an object with {', '.join(MATHQA_FIELDS)} "
-                             "(the stock MathQA test split, e.g. regisss/math_qa)")
+            raise LoramError(
+                f"{where}: expected an object with {', '.join(MATHQA_FIELDS)} "
+                "(the stock MathQA test split, e.g. regisss/math_qa)"
+            )
         if row["correct"] not in ("a", "b", "c", "d", "e"):
             raise LoramError(f"{where}: correct = {row['correct']!r}, expected one of a-e")
         if len(mathqa_doc_to_choice(row)) != 5:
-            raise LoramError(f"{where}: options {row['options'][:80]!r} do not parse as "
-                             "'a ) .. , b ) .. , c ) .. , d ) .. , e ) ..'")
+            raise LoramError(
+                f"{where}: options {row['options'][:80]!r} do not parse as "
+                "'a ) .. , b ) .. , c ) .. , d ) .. , e ) ..'"
+            )
         out.append(row)
     if not out:
         raise LoramError(f"eval.mathqa.path {path}: no rows")
@@ -251,8 +255,10 @@ def mathqa_file(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
 
     src = Path(path)
     if not src.is_file():
-        raise LoramError(f"eval.mathqa.path {src}: no such file (a JSON/JSONL copy of the "
-                         "stock MathQA test split)")
+        raise LoramError(
+            f"eval.mathqa.path {src}: no such file (a JSON/JSONL copy of the "
+            "stock MathQA test split)"
+        )
     return _cached("mathqa", "test", [src], lambda: _mathqa_rows(src), cache_dir)
 
 

@@ -72,12 +72,39 @@ def _blocks(tokenizer, n: int, seq_len: int) -> list[dict]:
 # ------------------------------------------------------------------------------- children
 
 
-def prepare(model: str, work: Path, ratio: float, small: str | None = None) -> None:
+def _load_base(model: str, dtype: str, random_init: bool):
+    """``(model, tokenizer)``: loaded as the pipeline's ``base`` stage would, or, with
+    ``random_init``, built from the directory's ``config.json`` with seeded random weights and
+    its tokenizer (memory and speed do not depend on the values: for a machine the weights cannot
+    reach)."""
+    if not random_init:
+        from loram.models import load_model
+
+        return load_model(model, dtype=dtype)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loram.models import load_tokenizer, resolve_dtype
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(model)
+    m = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    return m.eval(), load_tokenizer(model)
+
+
+def prepare(
+    model: str,
+    work: Path,
+    ratio: float,
+    small: str | None = None,
+    dtype: str = "float32",
+    random_init: bool = False,
+) -> None:
     """Base model dir, the random- and Taylor-pruned models (and the smaller model) under
-    ``work``."""
+    ``work``, in ``dtype``."""
     import torch
 
-    from loram.models import load_hf_model, load_model, load_tokenizer, save_model_dir
+    from loram.models import load_hf_model, load_tokenizer, save_model_dir
     from loram.pipeline.prune import calibration_batches
     from loram.prune.artifact import save_pruned
     from loram.prune.common import pruned_layers
@@ -85,10 +112,10 @@ def prepare(model: str, work: Path, ratio: float, small: str | None = None) -> N
 
     base = work / "base"
     if not base.is_dir():
-        m, tok = load_model(model)
+        m, tok = _load_base(model, dtype, random_init)
         save_model_dir(m, tok, base, command="base")
     if small and not (work / "small").is_dir():
-        m, tok = load_model(small)
+        m, tok = _load_base(small, dtype, random_init)
         save_model_dir(m, tok, work / "small", command="base")
     tok = load_tokenizer(base)
     for name, crit in (("rand", "random"), ("stru", "taylor")):
@@ -104,8 +131,10 @@ def prepare(model: str, work: Path, ratio: float, small: str | None = None) -> N
             rows = load_rows(SourceParams(kind="embedded", name="mbpp"))
             calib = calibration_batches(tok, rows, 16, 256, 0)
         torch.manual_seed(0)
+        if crit == "taylor" and torch.cuda.is_available():
+            m.to("cuda")  # the importance's forward + backward; results are saved from the CPU
         manifest = prune_structured(m, ratio, layers, criterion=crit, calib_batches=calib, seed=0)
-        save_pruned(m, manifest, work / name, tokenizer=tok, command="prune")
+        save_pruned(m.to("cpu"), manifest, work / name, tokenizer=tok, command="prune")
 
 
 def _saved_activation_bytes(model, batch, device, chunk: int) -> tuple[int, int]:
@@ -412,6 +441,18 @@ def main(argv: list[str] | None = None) -> int:
         "--small-model", default=None, help="also LoRA on this smaller model (arm lora_small)"
     )
     ap.add_argument("--ratio", type=float, default=0.65)
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="the base weights' dtype (base.dtype); bfloat16 is the paper's on GPUs",
+    )
+    ap.add_argument(
+        "--random-init",
+        action="store_true",
+        help="--model / --small-model are directories with a config.json and a tokenizer but "
+        "no weights: weights are drawn at random (seeded); memory and speed do not depend on them",
+    )
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -464,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opts", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child == "prepare":
-        prepare(a.model, Path(a.work), a.ratio, a.small_model)
+        prepare(a.model, Path(a.work), a.ratio, a.small_model, a.dtype, a.random_init)
         return 0
     if a.child:
         opts = json.loads(a.opts)
@@ -510,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     me = [sys.executable, os.path.abspath(__file__)]
     common = ["--work", str(work), "--model", a.model, "--ratio", str(a.ratio)]
+    common += ["--dtype", a.dtype] + (["--random-init"] if a.random_init else [])
     if a.small_model:
         common += ["--small-model", a.small_model]
     print(f"preparing the base and the pruned models under {work} ...", flush=True)
@@ -552,10 +594,15 @@ def main(argv: list[str] | None = None) -> int:
     targets = _targets(rows)
     import platform
 
+    import torch
+
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"\n{a.model}, ratio {a.ratio}, micro-batch {a.micro_batch} x {a.seq_len} tokens, "
-          f"{a.steps} steps; {stamp}; {platform.machine()} {os.cpu_count()} cores; options "
-          f"{chosen}")  # fmt: skip
+    machine = f"{platform.machine()} {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name(0)}"
+    weights = a.dtype + (", random weights" if a.random_init else "")
+    print(f"\n{a.model} ({weights}), ratio {a.ratio}, micro-batch {a.micro_batch} x {a.seq_len} "
+          f"tokens, {a.steps} steps; {stamp}; {machine}; options {chosen}")  # fmt: skip
     print(_table(rows))
     if targets:
         print()
@@ -566,10 +613,12 @@ def main(argv: list[str] | None = None) -> int:
 
         result = {
             "model": a.model,
+            "dtype": a.dtype,
+            "random_init": a.random_init,
             "small_model": a.small_model,
             "ratio": a.ratio,
             "date": stamp,
-            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "machine": machine,
             "options": chosen,
             "mmap_threshold": a.mmap_threshold,
             "arms": {r["label"]: {k: v for k, v in r.items() if k != "label"} for r in rows},

@@ -581,6 +581,60 @@ class ArmSpec(_Params):
     merge: dict[str, Any] = Field(default_factory=dict)
 
 
+class NoAlignSpec(_Params):
+    """An ablation arm (``ablations.noalign.NAME``): LoRA trained on ``bases.<base>``'s pruned
+    model before alignment (the shared ``train`` section), recovered, merged and evaluated."""
+
+    base: str = Field(description="the name of an entry of ``bases``")
+    description: str = Field(description="the report's label for the arm (required)")
+
+
+class NoRecoverySpec(_Params):
+    """An ablation (``ablations.no_recovery.NAME``): ``arms.<arm>``'s aligned pruned base with
+    its adapter as trained, no recovery, no merge. ``base`` repeats the arm's base (DVC cannot
+    look it up) and must equal it."""
+
+    arm: str = Field(description="the name of an entry of ``arms``")
+    base: str = Field(description="that arm's ``base``")
+    description: str = Field(description="the report's label for the arm (required)")
+
+
+class AblationsParams(_Params):
+    """Ablation arms, one set of DVC stages each; empty mappings run none."""
+
+    noalign: dict[str, NoAlignSpec] = Field(default_factory=dict)
+    no_recovery: dict[str, NoRecoverySpec] = Field(default_factory=dict)
+
+
+def parse_ablations(raw: dict) -> AblationsParams:
+    """``raw["ablations"]``, validated against ``bases``, ``arms`` and ``variants``: names are
+    new arm names, bases and arms exist, a no-recovery entry names its arm's base."""
+    ab = parse_section(AblationsParams, raw.get("ablations"), "ablations")
+    bases, arms = _named(raw, "bases"), _named(raw, "arms")
+    taken = {"original", "lora_full", *arms, *(raw.get("variants") or {})}
+    for kind, entries in (("noalign", ab.noalign), ("no_recovery", ab.no_recovery)):
+        for name, spec in entries.items():
+            where = f"ablations.{kind}.{name}"
+            if not name.replace("_", "").replace("-", "").isalnum():
+                _fail(f"{where} name", name, "letters, digits, '_' and '-' (it names a DVC stage)")
+            if name in taken:
+                _fail(f"ablations.{kind}", name, "a name no arm, variant or other ablation has")
+            taken.add(name)
+            if kind == "no_recovery":
+                if spec.arm not in arms:
+                    _fail(
+                        f"{where}.arm", spec.arm, "the name of an entry of arms: " + ", ".join(arms)
+                    )
+                arm_base = (arms[spec.arm] or {}).get("base")
+                if spec.base != arm_base:
+                    _fail(f"{where}.base", spec.base, f"the base of arms.{spec.arm}: {arm_base}")
+            elif spec.base not in bases:
+                _fail(
+                    f"{where}.base", spec.base, "the name of an entry of bases: " + ", ".join(bases)
+                )
+    return ab
+
+
 NAMED: dict[str, tuple[type[_Params], tuple[str, ...]]] = {
     "bases": (BaseSpec, ("prune", "align")),
     "arms": (ArmSpec, ("train", "recover", "merge")),
@@ -627,12 +681,15 @@ def parse_params(raw: dict, sections: typing.Iterable[str] | None = None) -> dic
     extra = sorted(
         k
         for k in raw
-        if k not in SECTIONS and k not in NAMED and k != "variants" and not k.startswith("_")
+        if k not in SECTIONS
+        and k not in NAMED
+        and k not in ("variants", "ablations")
+        and not k.startswith("_")
     )
     if extra:
         raise ParamsError(
             f"{extra[0]} is not a known params section; allowed: "
-            + ", ".join([*SECTIONS, *NAMED, "variants"])
+            + ", ".join([*SECTIONS, *NAMED, "variants", "ablations"])
         )
     names = list(SECTIONS) if sections is None else list(sections)
     want_variants = "variants" in names
@@ -644,6 +701,7 @@ def parse_params(raw: dict, sections: typing.Iterable[str] | None = None) -> dic
     if sections is None:
         for kind in NAMED:
             out[kind] = {name: resolve_named(raw, kind, name) for name in _named(raw, kind)}
+        out["ablations"] = parse_ablations(raw)
     return out
 
 

@@ -134,7 +134,7 @@ def test_auto_criterion_resolves_per_method(method, criterion, used):
 
 
 def test_params_yaml_top_level_keys_are_exactly_the_sections():
-    assert list(RAW) == [*SECTIONS, "bases", "arms", "variants"]
+    assert list(RAW) == [*SECTIONS, "bases", "arms", "variants", "ablations"]
     assert RAW["variants"] == {}
 
 
@@ -216,7 +216,7 @@ TARGETS = "'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down
         (
             {"prun": {"ratio": 0.3}},
             "prun is not a known params section; allowed: "
-            "base, data, prune, align, train, recover, merge, eval, bases, arms, variants",
+            "base, data, prune, align, train, recover, merge, eval, bases, arms, variants, ablations",
         ),
         # wrong types: bools are not numbers, strings are not coerced, null only where optional
         ({"train": {"lr": "1e-3"}}, "train.lr = '1e-3' is not allowed: expected a number"),
@@ -443,3 +443,56 @@ def test_load_named_for_a_stage(tmp_path):
         ParamsError, match="arms.zzz is not in the params file; defined: loram, fast, r"
     ):
         load_named(f, "arms", "zzz", ("train",))
+
+
+def _ablations_raw(**ablations) -> dict:
+    raw = yaml.safe_load(yaml.safe_dump(RAW))
+    raw["ablations"] = ablations
+    return raw
+
+
+def test_shipped_ablations_name_an_existing_base_and_arm():
+    ab = parse_params(RAW)["ablations"]
+    assert ab.noalign["loram_noalign"].base == "stru"
+    rec = ab.no_recovery["no_recovery"]
+    assert (rec.arm, rec.base) == ("loram", RAW["arms"]["loram"]["base"])
+    assert parse_params(_ablations_raw(noalign={}, no_recovery={}))["ablations"].noalign == {}
+    assert parse_params(_ablations_raw())["ablations"].no_recovery == {}
+
+
+@pytest.mark.parametrize(
+    "ablations,message",
+    [
+        ({"noalign": {"x": {"base": "nope", "description": "d"}}},
+         "ablations.noalign.x.base = 'nope' is not allowed: expected the name of an entry of bases: stru"),
+        ({"noalign": {"x": {"base": "stru"}}}, "ablations.noalign.x.description"),
+        ({"no_recovery": {"x": {"arm": "nope", "base": "stru", "description": "d"}}},
+         "ablations.no_recovery.x.arm = 'nope' is not allowed"),
+        ({"no_recovery": {"x": {"arm": "loram", "base": "other", "description": "d"}}},
+         "ablations.no_recovery.x.base = 'other' is not allowed: expected the base of arms.loram: stru"),
+        ({"noalign": {"loram": {"base": "stru", "description": "d"}}},
+         "ablations.noalign = 'loram' is not allowed: expected a name no arm"),
+        ({"noalign": {"a": {"base": "stru", "description": "d"}},
+          "no_recovery": {"a": {"arm": "loram", "base": "stru", "description": "d"}}},
+         "ablations.no_recovery = 'a' is not allowed"),
+        ({"noalign": {"a b": {"base": "stru", "description": "d"}}},
+         "ablations.noalign.a b name = 'a b' is not allowed"),
+        ({"other": {}}, "ablations.other is not a known parameter"),
+    ],
+)  # fmt: skip
+def test_ablation_errors_name_the_entry_and_what_is_allowed(ablations, message):
+    with pytest.raises(ParamsError) as exc:
+        parse_params(_ablations_raw(**ablations))
+    assert message in str(exc.value), str(exc.value)
+
+
+def test_evaluate_tasks_option_replaces_eval_tasks_and_is_validated():
+    from loram.config import EvalParams
+    from loram.pipeline.evaluate import _with_tasks
+
+    p = EvalParams()
+    assert _with_tasks(p, "none").tasks == []
+    assert _with_tasks(p, "csr, gsm8k").tasks == ["csr", "gsm8k"]
+    assert _with_tasks(p, "none").limit == p.limit
+    with pytest.raises(ParamsError, match="--tasks"):
+        _with_tasks(p, "bogus")

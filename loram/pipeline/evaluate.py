@@ -34,7 +34,10 @@ OPTIONS = {
     "merge_metrics": "",
     "out": "metrics/arms/loram.json",
     "details": "",
+    "tasks": "",
 }
+"""``--tasks``: ``none`` (perplexity only) or comma-separated benchmarks in place of
+``eval.tasks``; the ablation stages use ``none``, as the paper's ablations report perplexity."""
 
 ARM_FIELDS = (
     "method",
@@ -50,6 +53,14 @@ ARM_FIELDS = (
     "train_seconds",
     "samples_per_second",
 )
+
+
+def _with_tasks(p: EvalParams, tasks: str) -> EvalParams:
+    """``p`` with ``tasks`` (``none`` or ``a,b``) in place of ``eval.tasks``, validated."""
+    from loram.config import parse_section, to_dict
+
+    chosen = [] if tasks == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
+    return parse_section(EvalParams, {**to_dict(p), "tasks": chosen}, "--tasks")
 
 
 def _needs_sandbox(p: EvalParams) -> bool:
@@ -188,8 +199,11 @@ def run(
     details: str = "",
     name: str = "",
     spec=None,
+    tasks: str = "",
 ) -> dict:
     check_output_file(out, (".json",), "--out")
+    if tasks:
+        p = _with_tasks(p, tasks)
     details_path = Path(details) if details else details_dir(out)
     if not description and spec is not None:
         description = spec.description

@@ -139,6 +139,9 @@ def test_baseline_covers_every_declared_metric():
         f"${{{k}}}": {**(params.get(k) or {}), **(profile.get(k) or {})}
         for k in ("bases", "arms", "variants")
     }
+    for k in ("noalign", "no_recovery"):
+        ab = {**(params.get("ablations") or {}), **(profile.get("ablations") or {})}
+        maps[f"${{ablations.{k}}}"] = ab.get(k) or {}
     declared = set()
     for stage in dvc["stages"].values():
         keys = stage["foreach"] if "foreach" in stage else [None]

@@ -499,6 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU: run the arms with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (tensors above it are "
         "mapped and returned to the OS when freed, instead of staying in the heap's RSS)",
     )
+    ap.add_argument(
+        "--stages",
+        default=None,
+        metavar="MODELS",
+        help="also time the offline stages, alignment and evaluation on these models "
+        "(benchmarks/stage_cost.py --models MODELS; e.g. tiny-llama,smollm2-135m)",
+    )
     ap.add_argument("--work", default=None, help="where the prepared models live (default: temp)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -628,6 +635,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {a.out}")
     if tmp is not None:
         tmp.cleanup()
+    if a.stages:
+        cmd = [sys.executable, str(Path(__file__).with_name("stage_cost.py")), "--models", a.stages]
+        if a.out:
+            cmd += ["--out", str(Path(a.out).with_name(Path(a.out).stem + "_stages.json"))]
+        print(f"\nstage costs: {' '.join(cmd)}", flush=True)
+        return subprocess.run(cmd).returncode
     return 0
 
 

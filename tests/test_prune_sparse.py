@@ -399,3 +399,36 @@ def test_save_load_round_trip_and_errors(tmp_path):
     save_masks(wrong, other)
     with pytest.raises(ValueError, match=r"shape \(32, 64\).*shape \(64, 64\)"):
         load_masks(wrong, model)
+
+
+def test_inverse_hessian_factor_is_the_damped_reference_and_overwrite_consumes_no_copy():
+    """The lean factorisation (damping on the diagonal, intermediates freed early, optionally in
+    place) gives exactly the factor of the textbook formula, including the retry path."""
+    from loram.prune.sparse import PERCDAMP, _InputStats, _inverse_hessian_chol
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 24, generator=g)
+    x[:, 5] = 0.0  # an input that never fires: zero row/column, diagonal set to 1
+    st = _InputStats(24, True, torch.device("cpu"))
+    st.add(x)
+    h = st.hessian()
+
+    def reference(hess, damp):
+        hh = hess.clone()
+        dead = torch.diag(hh) == 0
+        hh[dead, dead] = 1.0
+        hh = hh + damp * torch.diag(hh).mean().item() * torch.eye(hh.shape[0])
+        lower = torch.linalg.cholesky(hh)
+        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+    want = reference(h, PERCDAMP)
+    assert torch.equal(_inverse_hessian_chol(h, PERCDAMP), want)
+    assert torch.equal(h, st.hessian())  # without overwrite the input is left alone
+    taken = st.take_hessian()
+    assert st.xtx is None and torch.equal(taken, h)
+    assert torch.equal(_inverse_hessian_chol(taken, PERCDAMP, overwrite=True), want)
+    # not positive definite at the first damping: retried with 10x more until it is
+    bad = h.clone()
+    bad[0, 0] = -float(torch.diag(h).mean()) * 0.05
+    got = _inverse_hessian_chol(bad, PERCDAMP)
+    assert torch.isfinite(got).all() and torch.equal(got, torch.triu(got))

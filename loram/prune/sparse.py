@@ -109,21 +109,47 @@ def score_mask(
     raise ValueError(f"pattern = {pattern!r}: expected one of {PATTERNS}")
 
 
-def _inverse_hessian_chol(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the damped inverse Hessian (retrying with more damping)."""
-    h = hessian.to(torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    base = torch.diag(h).mean().item()
+PERCDAMP = 0.01
+"""SparseGPT's damping: this fraction of the mean diagonal of the Hessian is added to it."""
+
+
+def _inverse_hessian_chol(
+    hessian: torch.Tensor, percdamp: float, overwrite: bool = False
+) -> torch.Tensor:
+    """Upper Cholesky factor of the damped inverse Hessian (retrying with more damping).
+
+    The damping is added to the diagonal only, as ``H + damp * mean(diag H) * I`` would, and
+    intermediates are freed as soon as the next one exists, so at most two ``cols x cols`` fp32
+    matrices are alive at once (for the widest input of a 1.5B model, 8,960, each is 0.32 GB).
+    ``overwrite=True``: ``hessian`` (fp32) is damped in place and released: pass a Hessian no one
+    else holds (:meth:`_InputStats.take_hessian`) and it is one of the two.
+    """
+    h = hessian.to(torch.float32)
+    if h is hessian and not overwrite:
+        h = h.clone()
+    del hessian
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0  # an input that is always zero: any positive value works
+    base = diag.mean().item()
+    undamped = diag.clone()
     damp = percdamp
     for _ in range(6):
-        lower, info = torch.linalg.cholesky_ex(h + damp * base * eye)
+        diag.copy_(undamped + damp * base)
+        lower, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
+            del h, diag
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if info.item() == 0:
                 return upper
+            # Rare: rebuild the damped Hessian from its inverse and retry with more damping.
+            del upper
+            h = torch.linalg.inv(hinv)
+            del hinv
+            diag = h.diagonal()
+        else:
+            del lower
         log.warning("Hessian not positive definite with dampening %.3g; retrying", damp)
         damp *= 10
     raise RuntimeError("SparseGPT: Hessian is not positive definite even with heavy dampening")
@@ -131,21 +157,24 @@ def _inverse_hessian_chol(hessian: torch.Tensor, percdamp: float) -> torch.Tenso
 
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     *,
+    hinv: torch.Tensor | None = None,
     pattern: Pattern,
     ratio: float = 0.55,
     n: int = 2,
     m: int = 4,
     blocksize: int = 128,
-    percdamp: float = 0.01,
+    percdamp: float = PERCDAMP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: OBS pruning of ``weight`` (out × in) given the layer Hessian ``H = 2XXᵀ``.
 
     Columns are processed in blocks; the mask is chosen adaptively at the start of each block
     (unstructured: the lowest w²/[H⁻¹]²_jj in the block, with the block's share of the exact
     zero count) or of each group of ``m`` columns (N:M), and the pruning error of every column is
-    compensated on the columns not yet processed. Returns (pruned weight, kept mask).
+    compensated on the columns not yet processed. ``hinv``: the upper Cholesky factor of the
+    damped inverse Hessian, already computed (``hessian`` is then unused). Returns (pruned
+    weight, kept mask).
     """
     rows, cols = weight.shape
     if pattern == "nm":
@@ -157,7 +186,10 @@ def sparsegpt_prune(
     # compensation accumulates over all columns and the Cholesky factor of a bf16 Hessian is
     # not reliable. The result is cast back to the weight's dtype once, at the end.
     w = weight.detach().to(torch.float32).clone()
-    hinv = _inverse_hessian_chol(hessian.to(w.device), percdamp)
+    if hinv is None:
+        if hessian is None:
+            raise ValueError("sparsegpt_prune needs the Hessian or its inverse factor")
+        hinv = _inverse_hessian_chol(hessian.to(w.device), percdamp)
     pruned = torch.zeros_like(w, dtype=torch.bool)
     total = target_zeros(rows * cols, ratio) if pattern == "unstructured" else 0
 
@@ -208,12 +240,14 @@ def prune_matrix(
     m: int = 4,
     act_sq: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
+    hinv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune one weight matrix; returns (new weight with exact zeros, kept mask)."""
+    """Prune one weight matrix; returns (new weight with exact zeros, kept mask). SparseGPT takes
+    the input Hessian, or ``hinv``, the upper Cholesky factor of its damped inverse."""
     if criterion == "sparsegpt":
-        if hessian is None:
+        if hessian is None and hinv is None:
             raise ValueError("sparsegpt needs the input Hessian")
-        return sparsegpt_prune(weight, hessian, pattern=pattern, ratio=ratio, n=n, m=m)
+        return sparsegpt_prune(weight, hessian, hinv=hinv, pattern=pattern, ratio=ratio, n=n, m=m)
     if criterion == "wanda":
         if act_sq is None:
             raise ValueError("wanda needs the input activation norms")
@@ -255,6 +289,13 @@ class _InputStats:
         """``H = 2/N · Σ x xᵀ``."""
         assert self.xtx is not None
         return self.xtx * (2.0 / max(self.tokens, 1))
+
+    def take_hessian(self) -> torch.Tensor:
+        """:meth:`hessian` without a copy: the accumulator is scaled in place and handed over
+        (these stats hold it no longer)."""
+        assert self.xtx is not None
+        h, self.xtx = self.xtx, None
+        return h.mul_(2.0 / max(self.tokens, 1))
 
 
 class _StopForward(Exception):
@@ -576,6 +617,13 @@ def _prune_module(
     stats: _InputStats | None,
 ) -> torch.Tensor:
     weight = model.get_submodule(path).weight
+    hinv = None
+    if criterion == "sparsegpt" and stats is not None and stats.xtx is not None:
+        # The Hessian is damped and factorised in place and freed at once: the widest input's
+        # (down_proj) is the largest transient of the whole prune.
+        hinv = _inverse_hessian_chol(
+            stats.take_hessian().to(weight.device), PERCDAMP, overwrite=True
+        )
     new, keep = prune_matrix(
         weight,
         criterion=criterion,  # type: ignore[arg-type]
@@ -584,8 +632,9 @@ def _prune_module(
         n=n,
         m=m,
         act_sq=stats.sq if stats is not None else None,
-        hessian=stats.hessian() if stats is not None and stats.xtx is not None else None,
+        hinv=hinv,
     )
+    del hinv
     weight.data.copy_(new.to(weight.device, weight.dtype))
     weight.data.masked_fill_(~keep.to(weight.device), 0)
     return keep.to("cpu")

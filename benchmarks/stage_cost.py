@@ -165,8 +165,24 @@ def measure(model: str, work: Path, a, env: dict) -> dict:
     return row
 
 
+STARTUP = "import torch, transformers, peft, loram.cli"
+"""What every stage's fresh process pays before any work: timed once per run (``startup s``) and
+subtracted from the whole-stage times in the per-parameter table."""
+
+
+def startup_seconds(env: dict, work: Path) -> float:
+    """Median wall time of three fresh processes that only import what a stage imports."""
+    times = sorted(
+        run_measured([sys.executable, "-c", STARTUP], work / "startup.log", env)["seconds"]
+        for _ in range(3)
+    )
+    return times[1]
+
+
 COLUMNS = (
-    # (key, header, per-parameter kind: "time" = seconds, "rate" = per-second figure)
+    # (key, header, per-parameter kind: "time" = a whole stage's seconds (a fresh process: the
+    # startup is subtracted in the per-parameter table), "step" = seconds inside a loop,
+    # "rate" = per-second figure)
     ("base_seconds", "base s", "time"),
     ("prune_random_seconds", "rand s", "time"),
     ("prune_magnitude-stru_seconds", "mag-stru s", "time"),
@@ -176,13 +192,13 @@ COLUMNS = (
     ("prune_magnitude_seconds", "mag s", "time"),
     ("recover_seconds", "recover s", "time"),
     ("merge_seconds", "merge s", "time"),
-    ("align_seconds_per_step", "align s/step", "time"),
+    ("align_seconds_per_step", "align s/step", "step"),
     ("gen_tokens_per_second", "gen tok/s", "rate"),
     ("loglik_requests_per_second", "loglik req/s", "rate"),
 )
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], startup: float = 0.0) -> str:
     name_w = max(12, *(len(Path(r["model"]).name) for r in rows))
     head = f"{'model':<{name_w}} {'params':>13} " + " ".join(f"{h:>12}" for _, h, _ in COLUMNS)
     lines = [head, "-" * len(head)]
@@ -192,8 +208,9 @@ def table(rows: list[dict]) -> str:
             for k, _, _ in COLUMNS
         )
         lines.append(f"{Path(r['model']).name:<{name_w}} {r['params']:>13,} {cells}")
-    lines += ["", "per 100M parameters (seconds x 1e8 / params; for rates: 1 / rate x 1e8 / "
-              "params, i.e. seconds per token or request per 100M parameters)", head]  # fmt: skip
+    lines += ["", f"per 100M parameters (seconds x 1e8 / params, whole stages less the "
+              f"{startup:.1f} s process startup; for rates: 1 / rate x 1e8 / params, i.e. "
+              "seconds per token or request per 100M parameters)", head]  # fmt: skip
     for r in rows:
         scale = 1e8 / r["params"]
         cells = []
@@ -202,7 +219,9 @@ def table(rows: list[dict]) -> str:
             if not isinstance(v, (int, float)) or v == 0:
                 cells.append(f"{'-':>12}")
                 continue
-            cells.append(f"{(v if kind == 'time' else 1 / v) * scale:>12.4f}")
+            if kind == "time":
+                v = max(v - startup, 0.0)
+            cells.append(f"{(1 / v if kind == 'rate' else v) * scale:>12.4f}")
         lines.append(f"{Path(r['model']).name:<{name_w}} {r['params']:>13,} " + " ".join(cells))
     return "\n".join(lines)
 
@@ -218,8 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-loglik", type=int, default=32, help="log-likelihood requests")
     ap.add_argument("--work", default=None, help="scratch dir, kept (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument(
+        "--render", default=None, metavar="JSON", help="print the tables of an earlier --out"
+    )
     ap.add_argument("--eval-child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.render:
+        res = json.loads(Path(a.render).read_text(encoding="utf-8"))
+        if "startup_seconds" not in res:
+            with tempfile.TemporaryDirectory() as d:
+                res["startup_seconds"] = startup_seconds(dict(os.environ), Path(d))
+        print(table(res["rows"], res["startup_seconds"]))
+        print(f"\n{res['date']}; {res['machine']}; process startup {res['startup_seconds']} s")
+        return 0
     if a.eval_child:
         res = eval_child(a.eval_child, a.batch, a.gen_tokens, a.n_gen, a.n_loglik)
         Path(a.out).write_text(json.dumps(res), encoding="utf-8")
@@ -227,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None if a.work else tempfile.TemporaryDirectory(prefix="loram-stage-cost-")
     root = Path(a.work or tmp.name)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    root.mkdir(parents=True, exist_ok=True)
+    startup = startup_seconds(env, root)
+    print(f"process startup (imports only): {startup} s", flush=True)
     rows = []
     for i, model in enumerate(m.strip() for m in a.models.split(",") if m.strip()):
         rows.append(measure(model, root / f"{i}-{Path(model).name}", a, env))
-        print(table(rows), flush=True)
+        print(table(rows, startup), flush=True)
     import platform
 
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -240,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         from loram.fsio import atomic_write_json
 
         atomic_write_json(a.out, {"date": stamp, "machine": f"{platform.machine()} "
-                                  f"{os.cpu_count()} cores", "rows": rows})  # fmt: skip
+                                  f"{os.cpu_count()} cores", "startup_seconds": startup,
+                                  "rows": rows})  # fmt: skip
         print(f"wrote {a.out}")
     if tmp is not None:
         tmp.cleanup()

@@ -192,3 +192,13 @@ def test_stage_cost_table_scales_every_cost_per_100m_parameters():
     # generation: 1/10 s per token per 50M = 0.2 per 100M; 1/2.5 per 200M = 0.2 per 100M
     assert a_line.split().count("0.2000") == 1 and b_line.split().count("0.2000") == 1
     assert a_line.count("-") >= len(sc.COLUMNS) - 2  # missing figures print as '-'
+
+
+def test_stage_cost_table_subtracts_the_process_startup_from_whole_stages_only():
+    sc = _stage_cost()
+    rows = [{"model": "a", "params": 50_000_000, "merge_seconds": 3.0,
+             "align_seconds_per_step": 3.0}]  # fmt: skip
+    line = next(ln for ln in sc.table(rows, startup=1.0).split("\n\n")[1].splitlines()
+                if ln.startswith("a "))  # fmt: skip
+    # merge: (3 - 1) s per 50M = 4 per 100M; align s/step is inside a loop: 3 per 50M = 6
+    assert "4.0000" in line and "6.0000" in line

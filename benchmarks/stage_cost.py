@@ -240,11 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--render", default=None, metavar="JSON", help="print the tables of an earlier --out"
     )
+    ap.add_argument(
+        "--startup",
+        type=float,
+        default=None,
+        help="--render: the process startup to subtract, in seconds (default: the run's own)",
+    )
     ap.add_argument("--eval-child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.render:
         res = json.loads(Path(a.render).read_text(encoding="utf-8"))
-        if "startup_seconds" not in res:
+        if a.startup is not None:
+            res["startup_seconds"] = a.startup
+        elif "startup_seconds" not in res:
             with tempfile.TemporaryDirectory() as d:
                 res["startup_seconds"] = startup_seconds(dict(os.environ), Path(d))
         print(table(res["rows"], res["startup_seconds"]))

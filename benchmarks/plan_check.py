@@ -165,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench", default=str(Path(__file__).with_name("train_cost.py")))
     ap.add_argument("--python", default=sys.executable, help="interpreter for the benchmark")
     ap.add_argument("--out", default=None, help="write the comparison here (JSON)")
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=131072,
+        metavar="BYTES",
+        help="passed to the benchmark it runs (CPU): glibc's mmap threshold fixed, so the peak RSS "
+        "follows the live tensors the planner counts (README, 'CPU allocator'); 0: glibc's default",
+    )
     a = ap.parse_args(argv)
     if a.results:
         if not a.config:
@@ -183,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         bench_out = work / f"bench-{a.micro_batch}x{a.seq_len}-{os.getpid()}.json"
         cmd = [a.python, a.bench, "--model", a.model, "--arms", a.arms, "--ratio", str(a.ratio)]
         cmd += ["--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len)]
-        cmd += ["--steps", str(a.steps), "--work", str(work), "--out", str(bench_out), *extra]
+        cmd += ["--steps", str(a.steps), "--work", str(work), "--out", str(bench_out)]
+        if a.mmap_threshold:
+            cmd += ["--mmap-threshold", str(a.mmap_threshold)]
+        cmd += extra
         print("running:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         result = json.loads(bench_out.read_text(encoding="utf-8"))

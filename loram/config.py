@@ -615,8 +615,7 @@ def parse_ablations(raw: dict) -> AblationsParams:
     for kind, entries in (("noalign", ab.noalign), ("no_recovery", ab.no_recovery)):
         for name, spec in entries.items():
             where = f"ablations.{kind}.{name}"
-            if not name.replace("_", "").replace("-", "").isalnum():
-                _fail(f"{where} name", name, "letters, digits, '_' and '-' (it names a DVC stage)")
+            _check_stage_name(f"{where} name", name)
             if name in taken:
                 _fail(f"ablations.{kind}", name, "a name no arm, variant or other ablation has")
             taken.add(name)
@@ -712,9 +711,14 @@ def _named(raw: dict, kind: str) -> dict[str, Any]:
     if not isinstance(entries, dict):
         _fail(kind, entries, f"a mapping of name -> {NAMED[kind][0].__name__} overrides")
     for name in entries:
-        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-            _fail(f"{kind} name", name, "letters, digits, '_' and '-' (it names a DVC stage)")
+        _check_stage_name(f"{kind} name", name)
     return entries
+
+
+def _check_stage_name(label: str, name: Any) -> None:
+    """An entry name becomes part of a DVC stage name: letters, digits, '_' and '-' only."""
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        _fail(label, name, "letters, digits, '_' and '-' (it names a DVC stage)")
 
 
 def resolve_named(raw: dict, kind: str, name: str) -> dict[str, Any]:

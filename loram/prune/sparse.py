@@ -285,17 +285,20 @@ class _InputStats:
             self.xtx.addmm_(x.T, x)
         self.tokens += x.shape[0]
 
+    def _scale(self) -> float:
+        return 2.0 / max(self.tokens, 1)
+
     def hessian(self) -> torch.Tensor:
         """``H = 2/N · Σ x xᵀ``."""
         assert self.xtx is not None
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        return self.xtx * self._scale()
 
     def take_hessian(self) -> torch.Tensor:
         """:meth:`hessian` without a copy: the accumulator is scaled in place and handed over
         (these stats hold it no longer)."""
         assert self.xtx is not None
         h, self.xtx = self.xtx, None
-        return h.mul_(2.0 / max(self.tokens, 1))
+        return h.mul_(self._scale())
 
 
 class _StopForward(Exception):

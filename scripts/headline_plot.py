@@ -43,29 +43,42 @@ def point(arm: dict) -> dict:
         "in_domain_ppl": ppl.get("in_domain"),
         "humaneval": bench.get("humaneval/pass@1"),
         "humaneval_stderr": bench.get("humaneval/pass@1_stderr"),
-        "csr": bench.get("csr"),
     }
 
 
-def table(points: list[dict]) -> str:
-    def f(v, fmt):
-        return "–" if v is None else format(v, fmt)
+PPL_SETS = ("in_domain", "ood_gsm8k", "general_text")
+
+
+def table(arms: list[dict]) -> str:
+    """One row per arm, every figure the headline asks for, each score with the error bar the
+    pipeline's report gives it (``loram.report.format_with_error``)."""
+    from loram.report import PPL_PREFIX, error_bar, format_value, format_with_error
+
+    def cell(arm: dict, col: str, value) -> str:
+        return format_with_error(col, value, error_bar(arm, col))
 
     lines = [
-        "| arm | description | peak training memory (MiB) | in-domain ppl | HumanEval pass@1 | CSR mean |",
-        "| :--- | :--- | ---: | ---: | ---: | ---: |",
+        "| arm | description | params held in training | peak training memory (MiB) "
+        "| training time (s) | in-domain ppl | out-of-domain (GSM8K) ppl | general-text ppl "
+        "| HumanEval pass@1 | CSR mean |",
+        "| :--- | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for p in sorted(points, key=lambda p: (p["memory_mib"] is not None, p["memory_mib"] or 0)):
-        he = "–"
-        if p["humaneval"] is not None:
-            he = f"{100 * p['humaneval']:.1f}%"
-            if p["humaneval_stderr"] is not None:
-                he += f" ± {100 * p['humaneval_stderr']:.1f}"
-        csr = "–" if p["csr"] is None else f"{100 * p['csr']:.1f}%"
-        lines.append(
-            f"| {p['arm']} | {p['description']} | {f(p['memory_mib'], ',.0f')} | "
-            f"{f(p['in_domain_ppl'], '.3f')} | {he} | {csr} |"
-        )
+    for arm in sorted(
+        arms, key=lambda a: (a.get("peak_rss_mib") is not None, a.get("peak_rss_mib") or 0)
+    ):
+        ppl = arm.get("ppl") if isinstance(arm.get("ppl"), dict) else {}
+        bench = arm.get("bench") if isinstance(arm.get("bench"), dict) else {}
+        row = [
+            arm["arm"],
+            arm.get("description", ""),
+            format_value("params_held", arm.get("params_held")),
+            format_value("peak_rss_mib", arm.get("peak_rss_mib")),
+            format_value("train_seconds", arm.get("train_seconds")),
+            *(cell(arm, PPL_PREFIX + k, ppl.get(k)) for k in PPL_SETS),
+            cell(arm, "humaneval/pass@1", bench.get("humaneval/pass@1")),
+            cell(arm, "csr", bench.get("csr")),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -123,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", default="metrics/arms")
     ap.add_argument("--out", default="reports/headline.png")
     a = ap.parse_args(argv)
-    points = [point(arm) for arm in load_arms(Path(a.metrics))]
-    plot(points, Path(a.out))
-    print(table(points))
+    arms = load_arms(Path(a.metrics))
+    plot([point(arm) for arm in arms], Path(a.out))
+    print(table(arms))
     print(f"\nwrote {a.out}", file=sys.stderr)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from loram.config import load_params
@@ -59,16 +60,20 @@ def test_alignment_profile_doses(tmp_path):
     assert {raw["arms"][f"d{k[1:]}"]["base"] for k in bases} == set(bases)
 
 
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_headline_plot(tmp_path):
     """scripts/headline_plot.py: a table row per arm sorted by memory, untuned arms first, a PNG."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location(
-        "headline_plot", ROOT / "scripts" / "headline_plot.py"
-    )
-    hp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hp)
+    hp = _load_script("headline_plot")
     arms = tmp_path / "arms"
     arms.mkdir()
     recs = {
@@ -93,6 +98,49 @@ def test_headline_plot(tmp_path):
     out = tmp_path / "h.png"
     assert hp.main(["--metrics", str(arms), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = hp.table([hp.point(a) for a in hp.load_arms(arms)]).splitlines()[2:]
+    rows = hp.table(hp.load_arms(arms)).splitlines()[2:]
     assert [r.split("|")[1].strip() for r in rows] == ["original", "qloram", "lora05"]
     assert "30.0% ± 7.0" in rows[2] and "50.0%" in rows[1] and "| – |" in rows[0]
+    assert "9,000.0" in rows[2] and "| 2.20 |" in rows[2]
+
+
+def test_alignment_plot(tmp_path):
+    """scripts/alignment_plot.py: one row per arm of params.yaml, sorted by its base's alignment
+    tokens; an unaligned base reports the pruned model's perplexity before alignment."""
+    import json
+
+    ap = _load_script("alignment_plot")
+    params = tmp_path / "params.yaml"
+    params.write_text("arms:\n  d25k: {base: a25k}\n  d0: {base: a0}\n")
+    m = tmp_path / "metrics"
+    for base, rec in {
+        "a0": {"enabled": False, "val_ppl_before": 900.0, "val_ppl_after": 900.0},
+        "a25k": {
+            "enabled": True,
+            "tokens": 25600,
+            "val_ppl_before": 900.0,
+            "val_ppl_after": 300.0,
+            "align_seconds": 60.0,
+        },
+    }.items():
+        (m / "bases" / base).mkdir(parents=True)
+        (m / "bases" / base / "align.json").write_text(json.dumps(rec))
+    (m / "arms").mkdir()
+    for arm, ppl in {"d0": 3.1, "d25k": 3.0, "original": 3.2}.items():
+        rec = {
+            "ppl": {"in_domain": ppl},
+            "ppl_ci95": {"in_domain": {"low": ppl - 0.5, "high": ppl + 0.5}},
+        }
+        (m / "arms" / f"{arm}.json").write_text(json.dumps(rec))
+    rows = ap.doses(params, m)
+    assert [(r["arm"], r["tokens"]) for r in rows] == [("d0", 0), ("d25k", 25600)]
+    lines = ap.table(rows).splitlines()[2:]
+    assert "| 900.00 |" in lines[0] and "| 300.00 |" in lines[1]
+    assert "3.0000 [2.50–3.50]" in lines[1]
+    assert ap.references(m) == {"original": 3.2}
+    out = tmp_path / "a.png"
+    assert ap.main(["--params", str(params), "--metrics", str(m), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (m / "arms" / "d0.json").unlink()
+    with pytest.raises(SystemExit, match="d0.json is missing"):
+        ap.doses(params, m)

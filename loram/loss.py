@@ -16,17 +16,25 @@ Two implementations of the same quantity:
   ``train.lm_head`` adapts it), so LoRA on ``lm_head`` and tied embeddings behave as in the
   stock forward.
 
+The chunked loss runs as the causal LM's own forward (for the duration of the call, see
+:func:`_loss_forward`), reached through whatever wraps the model: peft, accelerate's DDP (whose
+gradient sync is armed by its forward) and FSDP2 (whose root unshards the embeddings, the final
+norm and ``lm_head`` in its forward and keeps them for the backward's recomputation). So one
+process, several processes and sharded training all use it.
+
 Both give the same loss and gradients up to float rounding (tests/test_train.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutput
 
 from loram.data import collate
 
@@ -43,14 +51,22 @@ _LOGIT_TRANSFORMS = (
 )
 
 
+def _causal_lm(model) -> torch.nn.Module:
+    """The causal LM inside the wrappers a training step calls: DDP (``.module``) and peft
+    (``get_base_model``). FSDP2 wraps in place (the module is its own wrapper)."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """``(decoder body, output-embedding module)`` of a causal LM (or a peft model around one),
-    or None when the chunked loss cannot reproduce the model's logits.
+    """``(decoder body, output-embedding module)`` of a causal LM (or a peft / DDP model around
+    one), or None when the chunked loss cannot reproduce the model's logits.
 
     The head is the module the model's own forward calls (``get_output_embeddings``): with peft
     LoRA on ``lm_head`` it is the LoRA-wrapped layer, not the raw weight.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _causal_lm(model)
     config = getattr(base, "config", None)
     if config is None or any(
         getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS
@@ -109,15 +125,44 @@ def _chunked_loss(body, head, batch: dict, chunk: int, use_checkpoint: bool = Tr
     return total
 
 
+@contextlib.contextmanager
+def _loss_forward(model, chunk: int, use_checkpoint: bool):
+    """For the duration of the block, the causal LM inside ``model`` computes the chunked loss
+    as its forward (``labels`` required; ``.loss`` is the summed cross-entropy, no logits).
+
+    Calling the outermost module keeps every wrapper's hooks in play (DDP, FSDP2, peft, an
+    accelerate autocast). The forward is set on the instance and the previous instance
+    attribute, if any (accelerate's mixed-precision wrapper), is put back afterwards."""
+    base = _causal_lm(model)
+    body, head = body_and_head(base)
+    had = "forward" in base.__dict__
+    previous = base.__dict__.get("forward")
+
+    def forward(input_ids=None, attention_mask=None, labels=None, **_):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return CausalLMOutput(loss=_chunked_loss(body, head, batch, chunk, use_checkpoint))
+
+    base.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            base.forward = previous
+        else:
+            del base.forward
+
+
 def batch_loss(
     model, batch: dict, device, chunk: int = 0, *, use_checkpoint: bool = True
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy of a collated batch and its number of scored tokens.
 
-    ``chunk``: 0 = the stock loss over the model's full logits; N > 0 = the chunked loss over
-    the labelled positions, N tokens per vocabulary projection (see the module docstring).
-    Models whose forward transforms the logits after ``lm_head`` always use the stock loss.
-    ``use_checkpoint=False`` keeps every chunk's graph (for tests of the recomputation).
+    ``model``: a causal LM, or one wrapped by peft, DDP or FSDP2 (the call goes through the
+    outermost wrapper in every case). ``chunk``: 0 = the stock loss over the model's full
+    logits; N > 0 = the chunked loss over the labelled positions, N tokens per vocabulary
+    projection (see the module docstring). Models whose forward transforms the logits after
+    ``lm_head`` always use the stock loss. ``use_checkpoint=False`` keeps every chunk's graph
+    (for tests of the recomputation).
     """
     if chunk < 0:
         raise ValueError(f"loss chunk must be >= 0 (0: the stock loss), got {chunk}")
@@ -128,8 +173,14 @@ def batch_loss(
         log.warning("loss_chunk %d: this model transforms its logits; using the stock loss", chunk)
     if parts is None:
         return _stock_loss(model, batch), n
-    body, head = parts
-    return _chunked_loss(body, head, batch, chunk, use_checkpoint), n
+    with _loss_forward(model, chunk, use_checkpoint):
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
+    return out.loss, n
 
 
 @torch.no_grad()

@@ -225,16 +225,9 @@ def _train(
 
     wrapped.train()
     device = acc.device
-    # The chunked loss calls the decoder body and lm_head itself, so it runs only on a model no
-    # engine has wrapped: DDP's gradient sync and FSDP's unsharding hook the wrapper's forward.
-    # With several processes or FSDP the stock loss runs through the wrapped forward instead.
+    # The chunked loss runs as the model's forward, through the engine's wrapper (DDP, FSDP2):
+    # every process and every sharding uses it (loram.loss.batch_loss).
     chunk = cfg.loss_chunk
-    if chunk and (acc.num_processes > 1 or sharded):
-        if main:
-            log.info(
-                "%s: loss_chunk %d applies to one process only; the stock loss runs", desc, chunk
-            )
-        chunk = 0
     tokens_per_step = None
     bar = tqdm(
         total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
@@ -258,7 +251,7 @@ def _train(
             batch = collate([train_examples[i] for i in idx], pad_id)
             last = k == len(mine) - 1
             with contextlib.nullcontext() if last else acc.no_sync(wrapped):
-                with acc.autocast():  # the chunked loss bypasses the wrapped forward's autocast
+                with acc.autocast():
                     loss, n = batch_loss(wrapped, batch, device, chunk)
                 acc.backward(loss / denom)
             loss_sum += loss.item()

@@ -357,3 +357,46 @@ def test_setup_training_runs_the_attention_it_asks_for(impl, monkeypatch):
     layers = model.get_base_model().config.num_hidden_layers
     # with grad checkpointing each layer also runs again in the backward pass
     assert calls["n"] == (2 * layers if impl == "sdpa" else 0)
+
+
+@pytest.mark.parametrize("mode", ["plain", "lora_head"])
+def test_chunked_loss_runs_through_a_ddp_wrapper(tmp_path, mode):
+    """Under DDP (a 1-rank gloo group) the chunked loss is the wrapped model's forward: the same
+    loss and gradients as the stock loss, no more than one chunk of logits, and the model's
+    own forward is back afterwards (also an instance forward set before, as accelerate's
+    mixed-precision wrapper is)."""
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    batch, _ = _ragged_batch()
+    model = _model(tiny_qwen2, mode, False)
+    cfg = (model.get_base_model() if mode != "plain" else model).config
+    ref, _, g_ref = _loss_and_grads(model, batch, 0)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(model)
+        inner = model.get_base_model() if mode != "plain" else model
+        marker = inner.forward  # an instance attribute, as accelerate's autocast wrapper sets
+        inner.forward = marker
+        head = inner.get_output_embeddings()
+        rows = []
+        hook = head.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+        model.zero_grad(set_to_none=True)
+        loss, n = batch_loss(ddp, batch, "cpu", 5)
+        loss.backward()
+        hook.remove()
+        assert rows and max(rows) <= 5 and sum(rows) >= n  # (the backward recomputes chunks)
+        assert inner.__dict__["forward"] is marker
+        assert_within(
+            loss.detach(), ref, n * 2 * forward_tol(cfg, ref / n, torch.float64, 2), "loss"
+        )
+        grads = {
+            k.removeprefix("module."): p.grad for k, p in ddp.named_parameters() if p.requires_grad
+        }
+        for k, g in g_ref.items():
+            assert_within(grads[k], g, forward_tol(cfg, g, torch.float64, 2), k)
+        del inner.forward
+        batch_loss(ddp, batch, "cpu", 5)
+        assert "forward" not in inner.__dict__
+    finally:
+        tdist.destroy_process_group()

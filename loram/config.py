@@ -441,6 +441,12 @@ class TrainParams(EngineParams):
     )
     weight_decay: float = Field(0.0, ge=0)
     quantize: Literal["none", "nf4"] = Field("none", description="nf4: QLoRAM (NF4 base).")
+    packing: bool = Field(
+        False,
+        description="Pack each micro-batch's examples into as few rows of at most ``seq_len`` "
+        "tokens as fit, each example its own sequence (positions restart, attention never "
+        "crosses examples): the same loss with fewer padded positions computed.",
+    )
     seed: int = 0
 
 

@@ -709,6 +709,53 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of examples grouped into rows of at most ``capacity`` tokens (first-fit
+    decreasing; an example longer than ``capacity`` gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(examples: list[dict], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """A micro-batch packed into as few rows of at most ``capacity`` tokens as first-fit
+    decreasing finds, instead of one right-padded row per example (``train.packing``).
+
+    Each example stays its own sequence: its positions restart at 0 (``position_ids``) and no
+    ``attention_mask`` is given, so transformers builds a block-diagonal causal mask from the
+    positions (``masking_utils.find_packed_sequence_indices``) and no token attends to another
+    example. The first token of each example carries no label (in its own row nothing predicts
+    it; packed, the previous example's last token would). Rows are right-padded to the longest
+    with a sequence of pad tokens of its own, without labels. The loss and gradients are those
+    of :func:`collate`'s batch up to rounding (tests/test_train.py); fewer padded positions are
+    computed."""
+    rows = pack_rows([len(e["input_ids"]) for e in examples], capacity)
+    n = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), n), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e = examples[i]
+            k = len(e["input_ids"])
+            ids[r, at : at + k] = torch.tensor(e["input_ids"])
+            labels[r, at + 1 : at + k] = torch.tensor(e["labels"][1:])
+            pos[r, at : at + k] = torch.arange(k)
+            at += k
+        pos[r, at:] = torch.arange(n - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
 def batches(examples: list[dict], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
     return [
         collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)

@@ -89,10 +89,17 @@ def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor)
     return F.cross_entropy(_upcast(head(hidden)), labels, reduction="sum")
 
 
+def _inputs(batch: dict) -> dict:
+    """The model inputs of a collated batch: padded (``attention_mask``) or packed
+    (``position_ids``, no mask: see :func:`loram.data.collate_packed`)."""
+    out = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    if batch.get("position_ids") is not None:
+        out["position_ids"] = batch["position_ids"]
+    return out
+
+
 def _stock_loss(model, batch: dict) -> torch.Tensor:
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
+    logits = model(**_inputs(batch), use_cache=False).logits
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(
         _upcast(logits[:, :-1]).reshape(-1, logits.shape[-1]),
@@ -103,9 +110,7 @@ def _stock_loss(model, batch: dict) -> torch.Tensor:
 
 
 def _chunked_loss(body, head, batch: dict, chunk: int, use_checkpoint: bool = True) -> torch.Tensor:
-    hidden = body(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )[0]
+    hidden = body(**_inputs(batch), use_cache=False)[0]
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     hidden = hidden[:, :-1][keep]  # (scored tokens, hidden): position t predicts token t + 1
@@ -138,8 +143,13 @@ def _loss_forward(model, chunk: int, use_checkpoint: bool):
     had = "forward" in base.__dict__
     previous = base.__dict__.get("forward")
 
-    def forward(input_ids=None, attention_mask=None, labels=None, **_):
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    def forward(input_ids=None, attention_mask=None, labels=None, position_ids=None, **_):
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "labels": labels,
+        }
         return CausalLMOutput(loss=_chunked_loss(body, head, batch, chunk, use_checkpoint))
 
     base.forward = forward
@@ -174,12 +184,7 @@ def batch_loss(
     if parts is None:
         return _stock_loss(model, batch), n
     with _loss_forward(model, chunk, use_checkpoint):
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            use_cache=False,
-        )
+        out = model(**_inputs(batch), labels=batch["labels"], use_cache=False)
     return out.loss, n
 
 

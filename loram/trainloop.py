@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from loram.data import collate
+from loram.data import collate, collate_packed
 from loram.errors import ArtifactError
 from loram.fsio import atomic_dir, dumps, read_marker
 from loram.loss import batch_loss
@@ -248,7 +248,11 @@ def _train(
         loss_sum, tok_sum = 0.0, 0
         for k, (j, idx) in enumerate(mine):
             torch.manual_seed(micro_seed(cfg.seed, step, j))  # dropout: a function of (step, j)
-            batch = collate([train_examples[i] for i in idx], pad_id)
+            rows = [train_examples[i] for i in idx]
+            if getattr(cfg, "packing", False):  # (train only: align packs its text already)
+                batch = collate_packed(rows, pad_id, cfg.seq_len)
+            else:
+                batch = collate(rows, pad_id)
             last = k == len(mine) - 1
             with contextlib.nullcontext() if last else acc.no_sync(wrapped):
                 with acc.autocast():

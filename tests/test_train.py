@@ -400,3 +400,61 @@ def test_chunked_loss_runs_through_a_ddp_wrapper(tmp_path, mode):
         assert "forward" not in inner.__dict__
     finally:
         tdist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- packing (train.packing)
+
+
+def test_pack_rows_is_first_fit_decreasing():
+    from loram.data import pack_rows
+
+    assert pack_rows([5, 9, 3, 7, 1], 10) == [[1, 4], [3, 2], [0]]
+    assert pack_rows([12, 2], 10) == [[0], [1]]  # longer than a row: a row of its own
+    rows = pack_rows([4] * 6, 8)
+    assert rows == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_collate_packed_layout():
+    """Every token once, positions restarting per example, the first token of each example
+    unlabelled, rows padded with a label-less sequence of their own."""
+    from loram.data import collate_packed
+
+    _, rows = _ragged_batch()  # lengths 13, 9, 16
+    b = collate_packed(rows, pad_id=0, capacity=24)
+    assert set(b) == {"input_ids", "labels", "position_ids"}
+    assert b["input_ids"].shape == (2, 22)  # [16], [13 + 9]: first-fit decreasing
+    assert b["position_ids"][0].tolist() == list(range(16)) + list(range(6))
+    assert b["position_ids"][1].tolist() == list(range(13)) + list(range(9))
+    assert b["input_ids"][1].tolist() == rows[0]["input_ids"] + rows[1]["input_ids"]
+    assert b["labels"][1, 13] == -100 and b["labels"][1, 14:].tolist() == rows[1]["labels"][1:]
+    assert (b["labels"][0, 16:] == -100).all() and (b["input_ids"][0, 16:] == 0).all()
+    scored = int((b["labels"] != -100).sum())
+    assert scored == sum(sum(1 for v in r["labels"][1:] if v != -100) for r in rows)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_packed_batch_has_the_padded_batch_loss_and_gradients(build, attn, chunk):
+    """No token attends across examples: the packed batch is the padded one up to rounding
+    (in float64), whatever the attention implementation and the loss."""
+    from loram.data import collate_packed
+    from loram.train import set_attn_implementation
+
+    padded, rows = _ragged_batch()
+    model = _model(build, "lora", False)
+    set_attn_implementation(model, attn)
+    cfg = model.get_base_model().config
+    ref, n_ref, g_ref = _loss_and_grads(model, padded, chunk)
+    for capacity in (16, 29, 64):  # nothing shared, two in one row, all three in one row
+        packed = collate_packed(rows, pad_id=0, capacity=capacity)
+        loss, n, grads = _loss_and_grads(model, packed, chunk)
+        assert n == n_ref
+        assert_within(loss, ref, n * 2 * forward_tol(cfg, ref / n, torch.float64, 2), "loss")
+        for k, g in g_ref.items():
+            assert_within(grads[k], g, forward_tol(cfg, g, torch.float64, 2), k)
+    # attention does cross examples when the positions do not restart: the check can fail
+    leaky = collate_packed(rows, pad_id=0, capacity=64)
+    leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).unsqueeze(0)
+    loss, _, _ = _loss_and_grads(model, leaky, chunk)
+    assert abs(loss - ref) > 1e-3

@@ -502,3 +502,25 @@ def test_workers_die_with_the_stage(project):
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers), "a worker outlived the stage"
     assert not (project / "artifacts/orphan").exists()
+
+
+def test_align_disabled_passes_the_pruned_model_through(project):
+    """``align.enabled: false``: the pruned model is the output, and every declared output of
+    the stage exists (DVC fails a stage whose output is missing), the checkpoint folder too."""
+    from loram.cli import main
+
+    p = yaml.safe_load(yaml.safe_dump(PARAMS))
+    p["align"]["enabled"] = False
+    (project / "off.yaml").write_text(yaml.safe_dump(p))
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        assert main(["align", "--pruned", "artifacts/pruned", "--data", "artifacts/data", "--out",
+                     "artifacts/off", "--checkpoints", "ckpt/off", "--metrics", "metrics/off.json",
+                     "--plots", "plots/off.csv", "--params", "off.yaml"]) == 0  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    assert (project / "ckpt/off").is_dir() and (project / "plots/off.csv").is_file()
+    assert (project / "metrics/off.json").read_text().count('"enabled": false') == 1
+    pruned = sorted(f.name for f in (project / "artifacts/pruned").iterdir())
+    assert sorted(f.name for f in (project / "artifacts/off").iterdir()) == pruned

@@ -47,6 +47,7 @@ def run(
     if not p.enabled:
         with atomic_dir(out, "align", [pruned]) as tmp:
             shutil.copytree(pruned, tmp, dirs_exist_ok=True)
+        Path(checkpoints).mkdir(parents=True, exist_ok=True)  # a declared output of the stage
         write_metrics(metrics, {"enabled": False})
         write_loss_csv(plots, [], "align")
         return {"enabled": False}

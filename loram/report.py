@@ -62,12 +62,13 @@ COST_COLUMNS: list[tuple[str, str]] = [
     ("params_held", "params held in training"),
     ("reduction", "reduction ×"),
     ("base_weight_mib", "base weights held in training (MiB)"),
-    ("peak_rss_mib", "peak training memory (MiB)"),
+    ("peak_rss_mib", "peak memory of the training stage (MiB)"),
+    ("train_peak_rss_mib", "peak memory while training (MiB)"),
     ("train_seconds", "training time (s)"),
     ("sparsity", "sparsity of the pruned layers in training"),
     ("sparsity_merged", "sparsity of those layers after merge"),
 ]
-OPTIONAL_COST_COLUMNS = ("base_weight_mib", "sparsity", "sparsity_merged")
+OPTIONAL_COST_COLUMNS = ("base_weight_mib", "train_peak_rss_mib", "sparsity", "sparsity_merged")
 BENCH_LABELS: dict[str, str] = {
     "gsm8k/exact_match_strict": "GSM8K strict",
     "gsm8k/exact_match_flexible": "GSM8K flex",
@@ -236,7 +237,7 @@ def format_value(key: str, value: Any) -> str:
         return f"{round(v):,}"
     if key == "reduction":
         return f"{v:.2f}×"
-    if key in ("peak_rss_mib", "train_seconds", "base_weight_mib"):
+    if key in ("peak_rss_mib", "train_peak_rss_mib", "train_seconds", "base_weight_mib"):
         return f"{v:,.1f}"
     if key.startswith(PPL_PREFIX):
         return f"{v:,.2f}"
@@ -370,6 +371,7 @@ def results_table(arms: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             "reduction": reduction,
             "base_weight_mib": _mib(arm.get("base_param_bytes")),
             "peak_rss_mib": _num(arm.get("peak_rss_mib")),
+            "train_peak_rss_mib": _num(arm.get("train_peak_rss_mib")),
             "train_seconds": _num(arm.get("train_seconds")),
             "sparsity": _num(arm.get("sparsity")),
             "sparsity_merged": _num(arm.get("sparsity_merged")),

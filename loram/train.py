@@ -93,8 +93,32 @@ def _base_dtype(model) -> torch.dtype:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (MiB)."""
+    """Peak resident memory of this process so far (MiB), or since :func:`reset_peak_rss`."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window: freed heap goes back to the OS (glibc ``malloc_trim``), then
+    the kernel's high-water mark is set to the current RSS (Linux >= 4.0: ``5`` written to
+    ``/proc/self/clear_refs``; ``ru_maxrss`` follows it). False where that is not possible
+    (another OS, a kernel that refuses): the peak then stays the whole process's.
+
+    Training resets it once the model is loaded, quantized and wrapped, so the training peak
+    excludes the load transient (a QLoRAM base is read in full precision before it is
+    quantized), as ``torch.cuda.reset_peak_memory_stats`` does on a GPU."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def set_attn_implementation(model, impl: str) -> None:
@@ -200,6 +224,8 @@ def train_lora(
     train_ex = encode_rows(tokenizer, train_rows, p.seq_len)
     val_ex = encode_rows(tokenizer, val_rows[: p.max_val_rows], p.seq_len)
     mem = parameter_bytes(peft_model)
+    stage_peak = peak_rss_mib()  # loading, quantizing, wrapping (a new window starts below)
+    windowed = reset_peak_rss()
     t0 = time.time()
     history = train_loop(
         peft_model,
@@ -212,6 +238,7 @@ def train_lora(
         desc="lora",
     )
     seconds = time.time() - t0
+    train_peak = peak_rss_mib()
     samples = p.max_steps * p.micro_batch * p.grad_accum
     if adapter_out is not None:  # None: a data-parallel rank > 0 (rank 0 saves)
         save_adapter(peft_model, adapter_out)
@@ -223,7 +250,10 @@ def train_lora(
         "quantized_param_bytes": mem["quantized_bytes"],
         "lora_param_bytes": mem["trainable_bytes"],
         "params_held": mem["params"] - peft_model.get_nb_trainable_parameters()[0],
-        "peak_rss_mib": round(peak_rss_mib(), 1),
+        # the whole stage (load transient included) and the training loop alone (the model
+        # resident, LoRA, optimizer, activations: what training holds)
+        "peak_rss_mib": round(max(stage_peak, train_peak), 1),
+        "train_peak_rss_mib": round(train_peak, 1) if windowed else None,
         "quantize": p.quantize,
         "dtype": str(base_dtype).removeprefix("torch."),
         "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),

@@ -566,8 +566,7 @@ def run_ci(args: argparse.Namespace, say: Callable[[str], None] | None = None) -
         base_metrics = read_metric_tree(baseline) if baseline.is_dir() else {}
         problems = clock.step(
             "check metrics against the baseline",
-            lambda: check_metrics(base_metrics, current)
-            + check_non_numeric(base_metrics, current),
+            lambda: check_metrics(base_metrics, current) + check_non_numeric(base_metrics, current),
         )
         if not base_metrics:
             say(f"  no baseline in {baseline}: nothing to compare (run with --update-baseline)")

@@ -23,8 +23,11 @@ import yaml
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="an HF model directory (e.g. artifacts/base)")
-    ap.add_argument("--probe", default='{"csr": 20, "gsm8k": 2, "humaneval": 2}',
-                    help="documents to time per task (JSON; csr = each CSR task)")
+    ap.add_argument(
+        "--probe",
+        default='{"csr": 20, "gsm8k": 2, "humaneval": 2}',
+        help="documents to time per task (JSON; csr = each CSR task)",
+    )
     ap.add_argument("--limit", default=None, help="limits to project (JSON; default params.yaml)")
     ap.add_argument("--arms", type=int, default=5, help="evaluated models in the pipeline")
     ap.add_argument("--params", default="params.yaml")
@@ -52,18 +55,29 @@ def main() -> None:
     for task, n in probe.items():
         t0, c0 = time.time(), time.process_time()
         res = run_benchmarks(
-            model, tok, tasks=[task], limit={task: n}, batch_size=p.batch_size,
-            humaneval_n=p.humaneval_n, humaneval_temperature=p.humaneval_temperature,
-            seed=p.seed, sandbox=p.sandbox,
+            model,
+            tok,
+            tasks=[task],
+            limit={task: n},
+            batch_size=p.batch_size,
+            humaneval_n=p.humaneval_n,
+            humaneval_temperature=p.humaneval_temperature,
+            seed=p.seed,
+            sandbox=p.sandbox,
         )
         dt, cpu = time.time() - t0, time.process_time() - c0
         per_doc[task] = cpu / threads / n
         stderr[task] = {k: round(v, 4) for k, v in res.items() if k.endswith("_stderr")}
-        print(f"{task:14s} {n:3d} docs  wall {dt:7.1f} s  cpu {cpu:7.1f} s  "
-              f"-> {per_doc[task]:6.2f} s/doc on {threads} idle cores  {stderr[task]}", flush=True)
+        print(
+            f"{task:14s} {n:3d} docs  wall {dt:7.1f} s  cpu {cpu:7.1f} s  "
+            f"-> {per_doc[task]:6.2f} s/doc on {threads} idle cores  {stderr[task]}",
+            flush=True,
+        )
     stage = sum(per_doc[t] * limit.get(t, 0) for t in per_doc)
-    print(f"projected benchmarks per evaluate stage at {limit}: {stage / 60:.1f} min; "
-          f"x {a.arms} evaluated models: {a.arms * stage / 60:.1f} min")
+    print(
+        f"projected benchmarks per evaluate stage at {limit}: {stage / 60:.1f} min; "
+        f"x {a.arms} evaluated models: {a.arms * stage / 60:.1f} min"
+    )
     n_csr = [limit[t] for t in CSR_TASKS if t in limit]
     if n_csr:
         worst = math.sqrt(sum(0.25 / n for n in n_csr)) / len(n_csr)

@@ -157,13 +157,13 @@ def test_table_columns_and_formatting(tmp_path: Path) -> None:
         "description",
         "params held in training",
         "reduction ×",
-        "peak training memory (MiB)",
+        "peak memory of the training stage (MiB)",
         "training time (s)",
     ]
     assert len(rows) - 1 == len(ARMS)
     assert cell(rows, "loram", "params held in training") == "86,006,592"
     assert cell(rows, "loram", "reduction ×") == "1.56×"
-    assert cell(rows, "loram", "peak training memory (MiB)") == "3,700.2"
+    assert cell(rows, "loram", "peak memory of the training stage (MiB)") == "3,700.2"
     assert cell(rows, "loram", "training time (s)") == "512.3"
     assert cell(rows, "loram", "description") == "structured 0.65, aligned"  # built from fields
     assert cell(rows, "original", "description") == "SmolLM2 base, no training"

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -458,3 +460,18 @@ def test_packed_batch_has_the_padded_batch_loss_and_gradients(build, attn, chunk
     leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).unsqueeze(0)
     loss, _, _ = _loss_and_grads(model, leaky, chunk)
     assert abs(loss - ref) > 1e-3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs")
+def test_reset_peak_rss_starts_a_new_window():
+    """The training window's peak excludes what was resident only before it (the load)."""
+    from loram.train import peak_rss_mib, reset_peak_rss
+
+    big = torch.ones(96 * 2**20 // 4)  # 96 MiB, touched
+    before = peak_rss_mib()
+    del big
+    assert reset_peak_rss()
+    after = peak_rss_mib()
+    assert after <= before - 64  # the freed 96 MiB left the peak (allocator slack aside)
+    small = torch.ones(16 * 2**20 // 4)
+    assert peak_rss_mib() >= after + 8 and small.sum() > 0  # the new window tracks new peaks

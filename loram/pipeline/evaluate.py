@@ -50,6 +50,7 @@ ARM_FIELDS = (
     "base_param_bytes",
     "quantized_param_bytes",
     "peak_rss_mib",
+    "train_peak_rss_mib",
     "train_seconds",
     "samples_per_second",
 )

@@ -49,6 +49,9 @@ def test_variant_kinds(tmp_path, monkeypatch):
     cfg = json.loads((model / "config.json").read_text())
     assert cfg["model_type"] == "qwen2" and cfg["dtype"] == "bfloat16"
     assert not Path("artifacts/variants/small_untuned/work").exists()
+    # every output dvc.yaml declares for a variant stage exists (DVC fails the stage otherwise)
+    assert Path("plots/loss/small_untuned.csv").is_file()
+    assert Path("metrics/variants/small_untuned").is_dir()
 
     assert main(["variant", "--name", "small"]) == 0
     rec = json.loads(Path("metrics/arms/small.json").read_text())

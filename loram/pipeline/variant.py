@@ -54,6 +54,10 @@ def run(params: dict, *, name: str, base: str, data: str, out: str) -> dict:
             bp.model, model_dir, gguf_file=bp.gguf_file, dtype=dtype, revision=bp.revision
         )
         mdir.mkdir(parents=True, exist_ok=True)
+        # Every output the DVC stage declares exists: no training, so an empty loss curve.
+        from loram.train import write_loss_csv
+
+        write_loss_csv(Path("plots") / "loss" / f"{name}.csv", [], name)
         rec = evaluate.run(
             params["eval"],
             model=model_dir,

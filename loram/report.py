@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ import pandas as pd
 
 from loram.benchmarks import CSR_TASKS as CSR_TASK_NAMES
 from loram.fsio import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 MISSING = "–"
 TABLE_START = "<!-- results-table:start -->"
@@ -265,8 +268,33 @@ def _describe(arm: Mapping[str, Any]) -> str | None:
 # inputs
 
 
-def collect_arms(metrics_dir: str | Path = "metrics/arms") -> list[dict[str, Any]]:
+def pipeline_arms(params_file: str | Path = "params.yaml") -> set[str] | None:
+    """The arms the pipeline of ``params_file`` evaluates: ``original``, ``lora_full``, every
+    entry of ``arms`` and ``variants`` and of ``ablations.noalign`` / ``no_recovery``. None
+    when there is no such file (then every metrics file counts)."""
+    from loram.config import load_params
+
+    if not Path(params_file).is_file():
+        return None
+    p = load_params(params_file)
+    return {
+        "original",
+        "lora_full",
+        *p["arms"],
+        *p["variants"],
+        *p["ablations"].noalign,
+        *p["ablations"].no_recovery,
+    }
+
+
+def collect_arms(
+    metrics_dir: str | Path = "metrics/arms", only: Collection[str] | None = None
+) -> list[dict[str, Any]]:
     """Read every ``<arm>.json`` in ``metrics_dir``, in the fixed arm order.
+
+    ``only``: the arm names to keep (:func:`pipeline_arms`); files of other arms (left by an
+    earlier run with other params, e.g. the default run's committed metrics under a profile)
+    are skipped with a log line.
 
     Raises FileNotFoundError when the folder is missing or has no ``*.json``, ValueError (naming
     the file) for corrupt JSON, a non-object document or a duplicated arm name.
@@ -288,11 +316,16 @@ def collect_arms(metrics_dir: str | Path = "metrics/arms") -> list[dict[str, Any
             raise ValueError(f"arm metrics file {path} is not a JSON object")
         name = obj.get("arm") or path.stem
         obj["arm"] = str(name)
+        if only is not None and obj["arm"] not in only:
+            log.info("report: %s is not an arm of this run's params; left out", path)
+            continue
         if obj["arm"] in seen:
             raise ValueError(f"arm {obj['arm']!r} appears in both {seen[obj['arm']]} and {path}")
         seen[obj["arm"]] = path
         _attach_details(obj, d.parent / "details" / obj["arm"])
         arms.append(obj)
+    if not arms:
+        raise FileNotFoundError(f"no metrics in {d} of the arms {sorted(only or [])}")
     return sorted(arms, key=_arm_rank)
 
 
@@ -986,9 +1019,11 @@ def write_report(
     out_dir: str | Path = "reports",
     meta: Mapping[str, Any] | None = None,
     sweep_rows: Sequence[Mapping[str, Any]] | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, Path]:
-    """Write results.md, results.json and the PNG plots into ``out_dir``; return their paths."""
-    arms = collect_arms(metrics_dir)
+    """Write results.md, results.json and the PNG plots into ``out_dir``; return their paths.
+    ``only``: the arms to report (see :func:`collect_arms`)."""
+    arms = collect_arms(metrics_dir, only)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}

@@ -18,7 +18,13 @@ import sys
 from pathlib import Path
 
 
-def load_arms(metrics_dir: Path) -> list[dict]:
+def load_arms(metrics_dir: Path, params: Path | None = None) -> list[dict]:
+    """The arm metrics of ``metrics_dir``; with ``params``, only the arms that params file runs
+    (``loram.report.pipeline_arms``: a profile's run leaves the default run's committed
+    metrics of other arms in place)."""
+    from loram.report import pipeline_arms
+
+    only = pipeline_arms(params) if params is not None else None
     arms = []
     for f in sorted(metrics_dir.glob("*.json")):
         try:
@@ -27,7 +33,8 @@ def load_arms(metrics_dir: Path) -> list[dict]:
             raise SystemExit(f"{f} is not valid JSON: {exc}") from None
         if isinstance(rec, dict):
             rec.setdefault("arm", f.stem)
-            arms.append(rec)
+            if only is None or rec["arm"] in only:
+                arms.append(rec)
     if not arms:
         raise SystemExit(f"no arm metrics in {metrics_dir} (run the pipeline first)")
     return arms
@@ -138,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--metrics", default="metrics/arms")
     ap.add_argument("--out", default="reports/headline.png")
+    ap.add_argument(
+        "--params", default="params.yaml", help="report only this params file's arms ('' : all)"
+    )
     a = ap.parse_args(argv)
-    arms = load_arms(Path(a.metrics))
+    arms = load_arms(Path(a.metrics), Path(a.params) if a.params else None)
     plot([point(arm) for arm in arms], Path(a.out))
     print(table(arms))
     print(f"\nwrote {a.out}", file=sys.stderr)

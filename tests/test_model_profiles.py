@@ -96,7 +96,7 @@ def test_headline_plot(tmp_path):
     for name, rec in recs.items():
         (arms / f"{name}.json").write_text(json.dumps(rec))
     out = tmp_path / "h.png"
-    assert hp.main(["--metrics", str(arms), "--out", str(out)]) == 0
+    assert hp.main(["--metrics", str(arms), "--out", str(out), "--params", ""]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = hp.table(hp.load_arms(arms)).splitlines()[2:]
     assert [r.split("|")[1].strip() for r in rows] == ["original", "qloram", "lora05"]

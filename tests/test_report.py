@@ -586,3 +586,26 @@ def test_sweep_parser_skips_training_metrics_of_the_same_arm() -> None:
         [{"rev": "r", "data": rec["data"], "experiments": [{"revs": [rec]}]}]
     )
     assert rows and all(r["ppl"] == {"in_domain": 4.5} for r in rows)
+
+
+def test_report_keeps_only_the_arms_of_the_params(tmp_path: Path) -> None:
+    """A profile's run leaves the default run's committed metrics of other arms in
+    metrics/arms: the report shows the arms its params.yaml runs, and says what it left out."""
+    import yaml
+
+    m = write_arms(tmp_path / "m")
+    stale = dict(next(iter(ARMS.values())), arm="stale_arm")
+    (m / "stale_arm.json").write_text(json.dumps(stale))
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    only = report.pipeline_arms(params)
+    assert "stale_arm" not in only and {"original", "lora_full", "loram"} <= only
+    assert report.pipeline_arms(tmp_path / "absent.yaml") is None
+    kept = {a["arm"] for a in report.collect_arms(m, only)}
+    assert "stale_arm" in {a["arm"] for a in report.collect_arms(m)}
+    assert kept == {a["arm"] for a in report.collect_arms(m)} & only and "loram" in kept
+    paths = report.write_report(m, write_losses(tmp_path / "l"), tmp_path / "out", only=only)
+    assert "stale_arm" not in paths["markdown"].read_text()
+    with pytest.raises(FileNotFoundError, match="no metrics"):
+        report.collect_arms(m, {"nothing"})

@@ -8,10 +8,10 @@ OPTIONS = {"metrics_dir": "metrics/arms", "loss_dir": "plots/loss", "out": "repo
 
 
 def run(*, metrics_dir: str, loss_dir: str, out: str, params_file: str = "params.yaml") -> dict:
-    from loram.report import default_meta, write_report
+    from loram.report import default_meta, pipeline_arms, write_report
 
     meta = default_meta(metrics_dir, loss_dir, out, params_file)
-    paths = write_report(metrics_dir, loss_dir, out, meta=meta)
+    paths = write_report(metrics_dir, loss_dir, out, meta=meta, only=pipeline_arms(params_file))
     for key, path in paths.items():
         print(f"{key}: {path}")
     return {k: str(v) for k, v in paths.items()}

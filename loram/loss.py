@@ -131,7 +131,7 @@ def _chunked_loss(body, head, batch: dict, chunk: int, use_checkpoint: bool = Tr
 
 
 @contextlib.contextmanager
-def _loss_forward(model, chunk: int, use_checkpoint: bool):
+def _loss_forward(model, body, head, chunk: int, use_checkpoint: bool):
     """For the duration of the block, the causal LM inside ``model`` computes the chunked loss
     as its forward (``labels`` required; ``.loss`` is the summed cross-entropy, no logits).
 
@@ -139,7 +139,6 @@ def _loss_forward(model, chunk: int, use_checkpoint: bool):
     accelerate autocast). The forward is set on the instance and the previous instance
     attribute, if any (accelerate's mixed-precision wrapper), is put back afterwards."""
     base = _causal_lm(model)
-    body, head = body_and_head(base)
     had = "forward" in base.__dict__
     previous = base.__dict__.get("forward")
 
@@ -183,7 +182,7 @@ def batch_loss(
         log.warning("loss_chunk %d: this model transforms its logits; using the stock loss", chunk)
     if parts is None:
         return _stock_loss(model, batch), n
-    with _loss_forward(model, chunk, use_checkpoint):
+    with _loss_forward(model, *parts, chunk, use_checkpoint):
         out = model(**_inputs(batch), labels=batch["labels"], use_cache=False)
     return out.loss, n
 

@@ -59,8 +59,26 @@ def quantize_nf4(
                 # no-grad forward and needs out_features % 32 == 0, which pruned shapes break.
                 q.support_avx512bf16_for_cpu = False
                 setattr(block, name, q.to(device))
+    _own_storage(model)
     model.config.loram_quantized = "nf4"
     return model
+
+
+def _own_storage(model) -> None:
+    """Give every parameter that stayed in full precision (embeddings, norms, lm_head, biases)
+    memory of its own.
+
+    A base loaded from safetensors holds views of the memory-mapped file; the projections just
+    replaced by NF4 were read through that mapping, so their file pages stay mapped (and counted
+    in the process's resident memory: about 1 GB on a pruned Qwen2.5-Coder-1.5B) for as long
+    as any tensor still points into the file. Copying the rest out releases the mapping. Tied
+    weights stay tied (one parameter object, copied once)."""
+    import bitsandbytes as bnb
+
+    with torch.no_grad():
+        for prm in model.parameters():  # (each parameter object once: tied weights stay tied)
+            if not isinstance(prm, bnb.nn.Params4bit):
+                prm.data = prm.data.clone()
 
 
 def _quant_state_bytes(qs) -> int:

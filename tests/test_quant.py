@@ -70,3 +70,29 @@ def test_qloram_trains_recovers_and_merges_into_fp32_original(tmp_path, build):
     pruned_rows[kept] = False
     assert delta[kept].abs().sum() > 0
     assert torch.all(delta[pruned_rows] == 0)
+
+
+def test_quantize_releases_the_memory_mapped_weights(tmp_path):
+    """After quantize_nf4 no parameter points into the safetensors file the base was loaded
+    from (so the mapping, and the file pages of the replaced projections, can go), values
+    are unchanged and tied weights stay one parameter."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = tiny_llama()
+    sd = {k: v.contiguous() for k, v in src.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as fh:
+        mapped = {k: fh.get_tensor(k) for k in fh.keys()}
+    model = tiny_llama()
+    model.load_state_dict(mapped, strict=False, assign=True)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
+    file_ptrs = {t.untyped_storage().data_ptr() for t in mapped.values()}
+    assert model.model.norm.weight.untyped_storage().data_ptr() in file_ptrs  # really shared
+
+    q = quantize_nf4(model)
+    for name, p in q.named_parameters():
+        assert p.untyped_storage().data_ptr() not in file_ptrs, name
+    assert q.lm_head.weight is q.model.embed_tokens.weight
+    assert torch.equal(q.model.embed_tokens.weight, sd["model.embed_tokens.weight"])
+    assert torch.equal(q.model.norm.weight, sd["model.norm.weight"])

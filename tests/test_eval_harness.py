@@ -619,3 +619,39 @@ def test_gsm8k_and_humaneval_end_to_end_with_fake_model(tmp_path):
     assert out["humaneval/pass@1_stderr"] == pytest.approx(0.25, rel=sum_rtol(20))
     assert out["csr"] is None
     assert re.fullmatch(r"0\.4\.\d+", meta["lm_eval_version"])
+
+
+def test_generation_stops_at_every_end_token():
+    """A model whose generation config names one end token (as a GGUF conversion leaves it)
+    also stops at the tokenizer's other end tokens once the evaluator wraps it; before, it
+    generated past <|endoftext|> into a second answer."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from loram.tiny import tiny_pretrained
+
+    model, tok = tiny_pretrained("tiny-llama")
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert eot != tok.eos_token_id
+    assert harness.end_token_ids(tok, tok.eos_token_id) == sorted({eot, tok.eos_token_id})
+    assert harness.end_token_ids(tok, [7, tok.eos_token_id])[0] == 7  # config ids are kept
+
+    class ForceAt(LogitsProcessor):  # the model "ends its answer" with <|endoftext|> at step 3
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            if input_ids.shape[1] == prompt.shape[1] + 2:
+                scores.fill_(-1e9)
+                scores[:, eot] = 0.0
+            else:  # and never emits an end token elsewhere (no dependence on random weights)
+                scores[:, [eot, tok.eos_token_id]] = -1e9
+            return scores
+
+    prompt = torch.tensor([tok("def f():")["input_ids"]])
+    model.generation_config.eos_token_id = tok.eos_token_id
+    kw = dict(max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList([ForceAt()]))
+    kw["pad_token_id"] = tok.pad_token_id
+    before = model.generate(prompt, **kw)
+    assert before.shape[1] == prompt.shape[1] + 8  # runs on past the end token
+    harness.stop_at_end_tokens(model, tok)
+    after = model.generate(prompt, **kw)
+    assert after.shape[1] == prompt.shape[1] + 3 and after[0, -1].item() == eot

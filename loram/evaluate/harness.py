@@ -253,7 +253,56 @@ def _make_lm(
         import torch
 
         kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    return HFLM(**kwargs)
+    lm = HFLM(**kwargs)
+    stop_at_end_tokens(getattr(lm, "model", None), getattr(lm, "tokenizer", None))
+    return lm
+
+
+# Special tokens that end a text or a turn in the supported families (Qwen / SmolLM chat,
+# Llama 2 / 3, Phi). A model may emit any of them where its generation config names only one:
+# a GGUF's metadata has a single end-of-sequence id, so a Qwen2.5 model converted from one stops
+# at <|im_end|> but not at <|endoftext|>, and a fine-tuned model that ends its answer with the
+# latter runs on into a second answer (decoding drops the special token, leaving code glued to
+# code: a syntax error in HumanEval).
+END_TOKENS = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "</s>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+)
+
+
+def end_token_ids(tokenizer, eos_token_id=None) -> list[int]:
+    """The ids generation stops at: ``eos_token_id`` (an int or a list, e.g. the generation
+    config's), the tokenizer's EOS, and every special token of :data:`END_TOKENS` the tokenizer
+    has (as one added/special token, not split into pieces)."""
+    ids: set[int] = set()
+    for v in (eos_token_id, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    specials.update(str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values())
+    for tok in END_TOKENS:
+        if tok in specials:
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid >= 0:
+                ids.add(tid)
+    return sorted(ids)
+
+
+def stop_at_end_tokens(model, tokenizer) -> None:
+    """Make ``model.generate`` stop at every end token (:func:`end_token_ids`) by default."""
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None or tokenizer is None:
+        return
+    ids = end_token_ids(tokenizer, cfg.eos_token_id)
+    if ids:
+        cfg.eos_token_id = ids if len(ids) > 1 else ids[0]
 
 
 _METRIC_NAMES = {

@@ -33,12 +33,21 @@ def _read(path: Path) -> dict:
     return rec
 
 
-def doses(params_file: Path, metrics: Path) -> list[dict]:
-    """One row per arm of ``params_file``, sorted by the alignment tokens of its base."""
+def doses(params_file: Path, metrics: Path, only: list[str] | None = None) -> list[dict]:
+    """One row per arm of ``params_file`` (or of ``only``, a subset of them), sorted by the
+    alignment tokens of its base."""
     params = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
     arms = params.get("arms") or {}
     if not arms:
         raise SystemExit(f"{params_file} has no arms (apply the profile first)")
+    if only:
+        unknown = [a for a in only if a not in arms]
+        if unknown:
+            raise SystemExit(
+                f"--arms: {', '.join(unknown)} not among the arms of {params_file} "
+                f"({', '.join(arms)})"
+            )
+        arms = {a: arms[a] for a in only}
     rows = []
     for name, spec in arms.items():
         base = (spec or {}).get("base", "stru")
@@ -141,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", default="metrics")
     ap.add_argument("--out", default="reports/alignment.png")
+    ap.add_argument(
+        "--arms", default="", help="comma-separated arms to keep (default: every arm of --params)"
+    )
     a = ap.parse_args(argv)
-    rows = doses(Path(a.params), Path(a.metrics))
+    only = [x.strip() for x in a.arms.split(",") if x.strip()]
+    rows = doses(Path(a.params), Path(a.metrics), only or None)
     refs = references(Path(a.metrics))
     plot(rows, refs, Path(a.out))
     print(table(rows))

@@ -141,6 +141,9 @@ def test_alignment_plot(tmp_path):
     assert ap.references(m) == {"original": 3.2}
     out = tmp_path / "a.png"
     assert ap.main(["--params", str(params), "--metrics", str(m), "--out", str(out)]) == 0
+    assert [r["arm"] for r in ap.doses(params, m, ["d25k"])] == ["d25k"]  # --arms keeps a subset
+    with pytest.raises(SystemExit, match="d9"):
+        ap.doses(params, m, ["d9"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (m / "arms" / "d0.json").unlink()
     with pytest.raises(SystemExit, match="d0.json is missing"):

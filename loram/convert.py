@@ -240,7 +240,7 @@ def convert_model(
     """Convert ``model`` (any source :func:`loram.models.resolve_source` accepts) into a plain
     safetensors directory ``out_dir`` (+ tokenizer), atomically; stream when the source allows.
     """
-    from loram.models import load_tokenizer, resolve_source
+    from loram.models import load_tokenizer, resolve_source, save_end_tokens
 
     src = resolve_source(model, gguf_file)
     if src.kind == "hub" and stream:
@@ -265,6 +265,7 @@ def convert_model(
         _write_config(meta, dtype, tmp)
         tok = load_tokenizer(src.path, src.gguf_file)
         tok.save_pretrained(tmp)
+        save_end_tokens(tmp, tok)
     res = Converted(
         path=Path(out_dir),
         model_type=meta.config.model_type,
@@ -287,13 +288,14 @@ def convert_model(
 
 def _convert_in_memory(model, gguf_file, dtype, revision, out_dir, shard_bytes, command):
     """Load the whole model with transformers and save it (sources the streamer cannot read)."""
-    from loram.models import count_params, load_model
+    from loram.models import count_params, load_model, save_end_tokens
 
     log.info("converting %s in memory (the whole model is loaded)", model)
     m, tok = load_model(model, gguf_file, dtype, revision)
     with atomic_dir(out_dir, command) as tmp:
         m.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_bytes)
         tok.save_pretrained(tmp)
+        save_end_tokens(tmp, tok)
     return Converted(
         path=Path(out_dir),
         model_type=m.config.model_type,

@@ -398,6 +398,68 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None, revision: str
     return tok
 
 
+END_TOKENS = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "</s>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+)
+
+
+def end_token_ids(tokenizer, eos_token_id=None) -> list[int]:
+    """The ids generation stops at: ``eos_token_id`` (an int or a list, e.g. the generation
+    config's), the tokenizer's EOS, and every special token of :data:`END_TOKENS` the tokenizer
+    has (as one added/special token, not split into pieces)."""
+    ids: set[int] = set()
+    for v in (eos_token_id, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    specials.update(str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values())
+    for tok in END_TOKENS:
+        if tok in specials:
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid >= 0:
+                ids.add(tid)
+    return sorted(ids)
+
+
+def stop_at_end_tokens(model, tokenizer) -> None:
+    """Make ``model.generate`` stop at every end token (:func:`end_token_ids`) by default."""
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None or tokenizer is None:
+        return
+    ids = end_token_ids(tokenizer, cfg.eos_token_id)
+    if ids:
+        cfg.eos_token_id = ids if len(ids) > 1 else ids[0]
+
+
+def save_end_tokens(directory: str | Path, tokenizer) -> None:
+    """Make ``directory``'s saved ``generation_config.json`` stop at every end token of the
+    tokenizer (:func:`end_token_ids`). A GGUF conversion keeps one EOS id (Qwen2.5's
+    ``<|im_end|>``): a model that ends its answer with ``<|endoftext|>`` instead would run on
+    into a second answer in every tool that generates from the saved model."""
+    from transformers import GenerationConfig
+
+    directory = Path(directory)
+    if tokenizer is None or not (directory / "generation_config.json").is_file():
+        return
+    cfg = GenerationConfig.from_pretrained(directory)
+    ids = end_token_ids(tokenizer, cfg.eos_token_id)
+    if ids and ids != _as_list(cfg.eos_token_id):
+        cfg.eos_token_id = ids if len(ids) > 1 else ids[0]
+        cfg.save_pretrained(directory)
+
+
+def _as_list(v) -> list[int]:
+    return [v] if isinstance(v, int) else sorted(v or [])
+
+
 def check_adapter_dir(path: str | Path, what: str = "adapter") -> dict:
     """A peft LoRA adapter directory (config + safetensors weights); returns its config."""
     raw = str(path)
@@ -452,6 +514,7 @@ def save_model_dir(
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            save_end_tokens(tmp, tokenizer)
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(dumps(obj), encoding="utf-8")
     return Path(out_dir)

@@ -164,7 +164,10 @@ def test_gguf_streams_bit_identical(tmp_path, arch, tie, dtype):
     res = convert.convert_model(str(f), out, dtype=dtype, shard_bytes=40_000)
     assert res.streamed and len(res.files) > 1 and (out / "model.safetensors.index.json").is_file()
     _assert_same(ref, out)
-    # ... and it loads as the model it came from (up to the quantization error).
+    # The saved generation config stops at both end tokens; the GGUF names only <|im_end|>.
+    tokens = _tokens()[0]
+    end = sorted(tokens.index(t) for t in ("<|endoftext|>", "<|im_end|>"))
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == end
     m = load_hf_model(out)
     assert m.config.tie_word_embeddings is tie and res.params == sum(
         p.numel() for p in set(m.parameters())
@@ -178,6 +181,10 @@ def test_gguf_streams_bit_identical(tmp_path, arch, tie, dtype):
         err = (got[name].float() - want).abs().max().item()
         assert err < 0.1 * want.abs().max().item(), (name, err)  # q/k rows un-permuted
     ids = torch.tensor([[5, 9, 200, 3]])
+    from loram.models import load_model
+
+    gg, _ = load_model(str(f), None, dtype)  # straight from the GGUF: the one id it stores
+    assert gg.generation_config.eos_token_id == tokens.index("<|im_end|>")
     if dtype == torch.float32:
         refm = load_hf_model(ref)
         assert torch.equal(m(ids).logits, refm(ids).logits)

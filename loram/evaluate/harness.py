@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loram.evaluate.tasks import CSR_TASKS, TASKS, data, sampling_kwargs, task_config
+from loram.models import END_TOKENS, end_token_ids, stop_at_end_tokens  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -264,47 +265,6 @@ def _make_lm(
 # at <|im_end|> but not at <|endoftext|>, and a fine-tuned model that ends its answer with the
 # latter runs on into a second answer (decoding drops the special token, leaving code glued to
 # code: a syntax error in HumanEval).
-END_TOKENS = (
-    "<|endoftext|>",
-    "<|im_end|>",
-    "</s>",
-    "<|end_of_text|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end|>",
-)
-
-
-def end_token_ids(tokenizer, eos_token_id=None) -> list[int]:
-    """The ids generation stops at: ``eos_token_id`` (an int or a list, e.g. the generation
-    config's), the tokenizer's EOS, and every special token of :data:`END_TOKENS` the tokenizer
-    has (as one added/special token, not split into pieces)."""
-    ids: set[int] = set()
-    for v in (eos_token_id, getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, (list, tuple)):
-            ids.update(int(x) for x in v)
-    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    specials.update(str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values())
-    for tok in END_TOKENS:
-        if tok in specials:
-            tid = tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid >= 0:
-                ids.add(tid)
-    return sorted(ids)
-
-
-def stop_at_end_tokens(model, tokenizer) -> None:
-    """Make ``model.generate`` stop at every end token (:func:`end_token_ids`) by default."""
-    cfg = getattr(model, "generation_config", None)
-    if cfg is None or tokenizer is None:
-        return
-    ids = end_token_ids(tokenizer, cfg.eos_token_id)
-    if ids:
-        cfg.eos_token_id = ids if len(ids) > 1 else ids[0]
-
-
 _METRIC_NAMES = {
     "exact_match,strict-match": "exact_match_strict",
     "exact_match,flexible-extract": "exact_match_flexible",

@@ -109,7 +109,7 @@ def _num(value: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _save_figure(fig: Any, out_png: Path | str) -> Path:
+def save_figure(fig: Any, out_png: Path | str) -> Path:
     """Save a matplotlib Figure as PNG atomically."""
     import io
 
@@ -852,7 +852,7 @@ def plot_losses(loss_dir: str | Path, out_png: str | Path) -> Path | None:
     ax.set_title("Training loss (lines) and validation loss (markers)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _colors(names: Iterable[str]) -> dict[str, Any]:
@@ -904,7 +904,7 @@ def plot_benchmarks(arms: Sequence[Mapping[str, Any]], out_png: str | Path) -> P
     ax.set_ylabel("score")
     ax.set_ylim(0, 1)
     ax.set_title("Benchmarks (higher is better)")
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_perplexity(arms: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path | None:
@@ -923,7 +923,7 @@ def plot_perplexity(arms: Sequence[Mapping[str, Any]], out_png: str | Path) -> P
     _plain_log_ticks(ax)
     ax.set_ylabel("perplexity (log)")
     ax.set_title("Perplexity (lower is better)")
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path | None:
@@ -978,7 +978,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path |
     if acc_cols:
         axes[-1].set_ylabel("accuracy")
         axes[-1].set_title("Accuracy vs pruning ratio")
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------

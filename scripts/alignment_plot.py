@@ -139,9 +139,9 @@ def plot(rows: list[dict], refs: dict[str, float], out: Path) -> None:
                     r["arm"], (xi, yi), fontsize=7, textcoords="offset points", xytext=(4, 4)
                 )
     fig.suptitle("When does alignment pay? (structured pruning, dose-response)")
-    from loram.report import _save_figure
+    from loram.report import save_figure
 
-    _save_figure(fig, out)  # the report's figures' writer: atomic, 120 dpi, tight
+    save_figure(fig, out)  # the report's figures' writer: atomic, 120 dpi, tight
     plt.close(fig)
 
 

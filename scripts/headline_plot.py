@@ -136,9 +136,9 @@ def plot(points: list[dict], out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle("Train small, infer large: quality against training memory")
-    from loram.report import _save_figure
+    from loram.report import save_figure
 
-    _save_figure(fig, out)  # the report's figures' writer: atomic, 120 dpi, tight
+    save_figure(fig, out)  # the report's figures' writer: atomic, 120 dpi, tight
     plt.close(fig)
 
 

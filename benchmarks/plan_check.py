@@ -166,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=sys.executable, help="interpreter for the benchmark")
     ap.add_argument("--out", default=None, help="write the comparison here (JSON)")
     ap.add_argument(
-        "--mmap-threshold",
+        "--heap-mmap-threshold",
         type=int,
         default=131072,
         metavar="BYTES",
-        help="passed to the benchmark it runs (CPU): glibc's mmap threshold fixed, so the peak RSS "
-        "follows the live tensors the planner counts (README, 'CPU allocator'); 0: glibc's default",
+        help="passed to the benchmark it runs (CPU; train.heap_mmap_threshold): glibc's mmap "
+        "threshold fixed, so the peak RSS follows the live tensors the planner counts (README, "
+        "'CPU allocator'); 0: glibc's default",
     )
     a = ap.parse_args(argv)
     if a.results:
@@ -192,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [a.python, a.bench, "--model", a.model, "--arms", a.arms, "--ratio", str(a.ratio)]
         cmd += ["--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len)]
         cmd += ["--steps", str(a.steps), "--work", str(work), "--out", str(bench_out)]
-        if a.mmap_threshold:
-            cmd += ["--mmap-threshold", str(a.mmap_threshold)]
+        cmd += ["--heap-mmap-threshold", str(a.heap_mmap_threshold)]
         cmd += extra
         print("running:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

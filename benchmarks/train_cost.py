@@ -220,7 +220,7 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
     from loram.data import collate
     from loram.models import default_device, load_hf_model, load_tokenizer
     from loram.quant import parameter_bytes
-    from loram.train import attn_implementation, prepare_lora_model
+    from loram.train import attn_implementation, bound_training_heap, prepare_lora_model
     from loram.trainloop import train_loop
 
     src = work / SOURCE[arm]
@@ -231,13 +231,6 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _rss_bytes()
-    if (src / "loram_manifest.json").is_file():
-        from loram.prune.artifact import load_pruned
-
-        model, _ = load_pruned(src)
-    else:
-        model = load_hf_model(src)
     p = TrainParams(
         max_steps=steps,
         micro_batch=micro,
@@ -248,6 +241,14 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
         quantize="nf4" if arm.startswith("qloram") else "none",
         **opts,
     )
+    bound_training_heap(p)  # as the training stage: before the model is loaded
+    rss0 = _rss_bytes()
+    if (src / "loram_manifest.json").is_file():
+        from loram.prune.artifact import load_pruned
+
+        model, _ = load_pruned(src)
+    else:
+        model = load_hf_model(src)
     peft_model = prepare_lora_model(model, p, device)
     mem = parameter_bytes(peft_model)
     trainable = peft_model.get_nb_trainable_parameters()[0]
@@ -476,9 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         "--also",
         default="",
         help="comma-separated settings to run every arm with as well, in the same run: stock "
-        "(full-logits loss, no checkpointing: each arm's memory is also reported against it), "
-        "loss_only (the --loss-chunk loss, no checkpointing), ckpt_only (checkpointing, stock "
-        "loss)",
+        "(full-logits loss, no checkpointing, glibc's heap: each arm's memory is also reported "
+        "against it), loss_only (the --loss-chunk loss, no checkpointing), ckpt_only "
+        "(checkpointing, stock loss), bounded_heap (heap_mmap_threshold 131072)",
     )
     ap.add_argument("--compare-stock", action="store_true", help="the same as --also stock")
     ap.add_argument(
@@ -492,12 +493,12 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype-bytes", type=int, default=4, help="--analytic: bytes per base weight (4: fp32)"
     )
     ap.add_argument(
-        "--mmap-threshold",
+        "--heap-mmap-threshold",
         type=int,
-        default=None,
+        default=d.heap_mmap_threshold,
         metavar="BYTES",
-        help="CPU: run the arms with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (tensors above it are "
-        "mapped and returned to the OS when freed, instead of staying in the heap's RSS)",
+        help="train.heap_mmap_threshold (CPU, glibc: tensors of at least BYTES are mapped and "
+        "returned to the system when freed; 0: glibc's dynamic threshold)",
     )
     ap.add_argument(
         "--stages",
@@ -567,9 +568,11 @@ def main(argv: list[str] | None = None) -> int:
         "loss_chunk": a.loss_chunk,
         "grad_checkpointing": a.grad_checkpointing,
         "attn_implementation": a.attn_implementation,
+        "heap_mmap_threshold": a.heap_mmap_threshold,
     }
     presets = {
-        "stock": {"loss_chunk": 0, "grad_checkpointing": False},
+        "stock": {"loss_chunk": 0, "grad_checkpointing": False, "heap_mmap_threshold": 0},
+        "bounded_heap": {"heap_mmap_threshold": 131072},
         "loss_only": {"loss_chunk": a.loss_chunk or 256, "grad_checkpointing": False},
         "ckpt_only": {"loss_chunk": 0, "grad_checkpointing": True},
     }
@@ -580,9 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [("", chosen)] + [
         (f"@{name}", {**chosen, **presets[name]}) for name in dict.fromkeys(also)
     ]
-    env = dict(os.environ)
-    if a.mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # params decide
     rows = []
     for suffix, opts in settings:
         for arm in arms:
@@ -627,7 +628,6 @@ def main(argv: list[str] | None = None) -> int:
             "date": stamp,
             "machine": machine,
             "options": chosen,
-            "mmap_threshold": a.mmap_threshold,
             "arms": {r["label"]: {k: v for k, v in r.items() if k != "label"} for r in rows},
             "targets": targets,
         }

@@ -235,7 +235,8 @@ class BaseParams(_Params):
     dtype: Dtype = Field(
         "float32",
         description="dtype of every saved artifact and stage (fp32 kept where needed); auto = "
-        "bfloat16 on a GPU that supports it, float32 otherwise.",
+        "bfloat16 on a GPU that supports it or a CPU with AMX / AVX512-BF16, float32 otherwise "
+        "(bf16 matmuls are emulated and far slower than fp32 on other CPUs).",
     )
 
     @model_validator(mode="after")
@@ -366,8 +367,16 @@ _ATTN = (
     "Attention kernel: sdpa (torch scaled_dot_product_attention; fused kernels that keep no "
     "score matrix when they apply) or eager (materialises every layer's score matrices)."
 )
+_HEAP = (
+    "CPU, glibc: allocations of at least this many bytes get memory maps of their own, returned "
+    "to the system when freed, so the resident memory follows the live tensors (0: glibc's "
+    "dynamic threshold, which rises to 32 MiB and keeps freed activations in the heap)."
+)
 AttnImplementation = Literal["sdpa", "eager"]
 LOSS_CHUNK_DEFAULT = 256
+# Off until benchmarks/train_cost.py measures its time cost on a quiet machine (--also bounded_heap):
+# mapping every large tensor afresh costs page faults (about 20% in a matmul loop on 2 busy cores).
+HEAP_MMAP_THRESHOLD_DEFAULT = 0
 # Off by default: on CPU at the default scale it doubles training time; GPU profiles turn it on.
 GRAD_CKPT_DEFAULT = False
 
@@ -382,6 +391,7 @@ class EngineParams(_Params):
     loss_chunk: int = Field(LOSS_CHUNK_DEFAULT, ge=0, description=_LOSS_CHUNK)
     grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
     attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
+    heap_mmap_threshold: int = Field(HEAP_MMAP_THRESHOLD_DEFAULT, ge=0, description=_HEAP)
 
 
 class AlignParams(EngineParams):

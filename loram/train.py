@@ -141,6 +141,15 @@ def attn_implementation(model) -> str:
     return str(base.config._attn_implementation)
 
 
+def bound_training_heap(p: TrainParams | AlignParams) -> bool:
+    """Fix glibc's mmap threshold at ``p.heap_mmap_threshold`` bytes for the rest of the
+    process (:func:`loram.shards.bound_heap`); 0 leaves glibc's dynamic threshold. The training
+    stages call it before they load the model, and :func:`setup_training` again (idempotent)."""
+    from loram.shards import bound_heap
+
+    return bool(p.heap_mmap_threshold) and bound_heap(p.heap_mmap_threshold)
+
+
 def setup_training(model, p: TrainParams | AlignParams) -> None:
     """The memory options of a training stage on ``model`` (a causal LM or a peft model).
 
@@ -154,8 +163,13 @@ def setup_training(model, p: TrainParams | AlignParams) -> None:
     Nothing is written to the model's config (an aligned model saved after this generates with
     its KV cache as before); the loss passes ``use_cache=False`` itself.
 
+    * ``heap_mmap_threshold``: glibc's mmap threshold fixed for the rest of the process
+      (:func:`loram.shards.bound_heap`; 0 leaves glibc's dynamic one), so activations freed by
+      the backward pass go back to the system instead of staying in the heap's resident memory.
+
     The loss (``loss_chunk``) is chosen per call in :func:`loram.loss.batch_loss`.
     """
+    bound_training_heap(p)
     set_attn_implementation(model, p.attn_implementation)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kwargs = {"use_reentrant": False}

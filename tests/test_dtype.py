@@ -237,7 +237,14 @@ def test_resolve_dtype(monkeypatch):
     assert resolve_dtype("bfloat16") == torch.bfloat16
     assert resolve_dtype(torch.float16) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_dtype("auto") == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolve_dtype("auto") == torch.float32  # AVX2 CPU: bf16 is emulated, slow
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_dtype("auto") == torch.bfloat16  # native bf16 on the CPU
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_dtype("auto") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_dtype("auto") == torch.bfloat16

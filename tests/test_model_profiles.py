@@ -26,9 +26,11 @@ def test_headline_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAM_WHEELHOUSE", str(tmp_path / "none"))
     p, raw = _apply(tmp_path, "headline.yaml")
     assert not (tmp_path / "cache").exists()
-    assert p["base"].model == "qwen2.5-coder-1.5b" and p["base"].dtype == "bfloat16"
+    assert p["base"].model == "qwen2.5-coder-1.5b" and p["base"].dtype == "auto"
     v = p["variants"]
-    assert {v[k]["base"].dtype for k in v} == {"bfloat16"}  # every model of the run in bf16
+    assert {v[k]["base"].dtype for k in v} == {
+        "auto"
+    }  # every model: bf16 where the CPU is fast at it
     assert {k: (v[k]["spec"].kind, v[k]["base"].model) for k in v} == {
         "coder05": ("original", "qwen2.5-coder-0.5b"),
         "lora05": ("lora", "qwen2.5-coder-0.5b"),

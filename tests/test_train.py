@@ -475,3 +475,51 @@ def test_reset_peak_rss_starts_a_new_window():
     assert after <= before - 64  # the freed 96 MiB left the peak (allocator slack aside)
     small = torch.ones(16 * 2**20 // 4)
     assert peak_rss_mib() >= after + 8 and small.sum() > 0  # the new window tracks new peaks
+
+
+_HEAP_PROBE = r"""
+import ctypes, json, sys
+import torch
+from loram.config import TrainParams
+from loram.train import bound_training_heap
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = bound_training_heap(TrainParams(heap_mmap_threshold=int(sys.argv[1])))
+big = torch.empty(16 << 20, dtype=torch.uint8)  # mapped, then freed: glibc's dynamic threshold
+del big                                         # rises to 16 MiB (unless it is fixed)
+before = libc.mallinfo2().hblkhd
+t = torch.ones(4 << 20, dtype=torch.uint8)      # 4 MiB: the size of an activation
+print(json.dumps({"applied": applied, "mapped": libc.mallinfo2().hblkhd - before}))
+"""
+
+
+def test_heap_mmap_threshold_maps_activation_sized_tensors():
+    """train.heap_mmap_threshold fixes glibc's mmap threshold: an activation-sized tensor gets a
+    map of its own (returned to the system when freed). With 0, glibc's dynamic threshold has
+    risen past it after a larger tensor was freed, and the tensor comes from the heap."""
+    import ctypes
+    import json
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018 - glibc >= 2.33
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2")
+
+    def probe(threshold):
+        out = subprocess.run(
+            [sys.executable, "-c", _HEAP_PROBE, str(threshold)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    fixed, dynamic = probe(131072), probe(0)
+    assert fixed["applied"] and fixed["mapped"] >= 4 << 20
+    assert not dynamic["applied"] and dynamic["mapped"] == 0

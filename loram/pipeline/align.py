@@ -40,9 +40,10 @@ def run(
     from loram.models import load_tokenizer
     from loram.pipeline.common import setup_logging
     from loram.prune.artifact import load_pruned_with_masks, read_manifest, save_pruned
-    from loram.train import align_model, write_loss_csv
+    from loram.train import align_model, bound_training_heap, write_loss_csv
 
     check_outputs("align", out, [pruned, data], metrics=metrics, plots=plots)
+    bound_training_heap(p)
     read_manifest(pruned)  # a pruned directory, or a clear error
     if not p.enabled:
         with atomic_dir(out, "align", [pruned]) as tmp:

@@ -54,9 +54,10 @@ def run(
     from loram.fsio import atomic_dir, dumps
     from loram.models import count_params, load_tokenizer
     from loram.pipeline.common import setup_logging
-    from loram.train import train_lora, write_loss_csv
+    from loram.train import bound_training_heap, train_lora, write_loss_csv
 
     check_outputs("train", out, [model, data], metrics=metrics, plots=plots)
+    bound_training_heap(p)
     train_rows = read_jsonl(need_file(Path(data) / "train.jsonl", "training data"))
     val_rows = read_jsonl(need_file(Path(data) / "val.jsonl", "validation data"))
     need_dir(model, "model")

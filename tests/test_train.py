@@ -447,14 +447,19 @@ def test_packed_batch_has_the_padded_batch_loss_and_gradients(build, attn, chunk
     model = _model(build, "lora", False)
     set_attn_implementation(model, attn)
     cfg = model.get_base_model().config
+    # transformers' eager attention takes its softmax in float32 whatever the model's dtype, so
+    # the eager rows are float32-accurate: the rounding of a softmax row depends on how its sum
+    # is split into vector lanes (on an AVX2 CPU at one thread the packed and padded gradients
+    # differ by 3e-6; float64 precision would be 1e-12).
+    dt = torch.float32 if attn == "eager" else torch.float64
     ref, n_ref, g_ref = _loss_and_grads(model, padded, chunk)
     for capacity in (16, 29, 64):  # nothing shared, two in one row, all three in one row
         packed = collate_packed(rows, pad_id=0, capacity=capacity)
         loss, n, grads = _loss_and_grads(model, packed, chunk)
         assert n == n_ref
-        assert_within(loss, ref, n * 2 * forward_tol(cfg, ref / n, torch.float64, 2), "loss")
+        assert_within(loss, ref, n * 2 * forward_tol(cfg, ref / n, dt, 2), "loss")
         for k, g in g_ref.items():
-            assert_within(grads[k], g, forward_tol(cfg, g, torch.float64, 2), k)
+            assert_within(grads[k], g, forward_tol(cfg, g, dt, 2), k)
     # attention does cross examples when the positions do not restart: the check can fail
     leaky = collate_packed(rows, pad_id=0, capacity=64)
     leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).unsqueeze(0)

@@ -508,6 +508,12 @@ class EvalParams(_Params):
     ppl_max_rows: int = Field(30, ge=1)
     ppl_seq_len: int = Field(384, ge=8)
     batch_size: int = Field(4, ge=1)
+    gen_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Prompts decoded at once by the generation tasks (GSM8K, HumanEval); null: "
+        "batch_size. Each batch decodes until its longest answer ends.",
+    )
     tasks: list[BenchTask] = Field(
         default_factory=lambda: ["gsm8k", "csr", "humaneval"],
         description="Benchmarks through lm-eval (``csr`` = the six common-sense tasks); [] to skip.",

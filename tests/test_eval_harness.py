@@ -655,3 +655,31 @@ def test_generation_stops_at_every_end_token():
     harness.stop_at_end_tokens(model, tok)
     after = model.generate(prompt, **kw)
     assert after.shape[1] == prompt.shape[1] + 3 and after[0, -1].item() == eot
+
+
+def test_gen_batch_size_applies_to_generation_tasks_only(tmp_path):
+    """eval.gen_batch_size sets the LM's batch for GSM8K / HumanEval and is restored after;
+    log-likelihood tasks keep batch_size."""
+    seen: dict[str, int] = {}
+
+    class BatchLM(FakeLM):
+        batch_size_per_gpu = 3
+
+        def loglikelihood(self, requests):
+            seen["loglikelihood"] = self.batch_size_per_gpu
+            return super().loglikelihood(requests)
+
+        def generate_until(self, requests):
+            seen["generate_until"] = self.batch_size_per_gpu
+            return super().generate_until(requests)
+
+    lm = BatchLM()
+    harness.run_benchmarks(
+        lm,
+        tasks=["arc_easy", "gsm8k"],
+        limit={"arc_easy": 2, "gsm8k": 2},
+        gen_batch_size=40,
+        cache_dir=tmp_path,
+    )
+    assert seen == {"loglikelihood": 3, "generate_until": 40}
+    assert lm.batch_size_per_gpu == 3

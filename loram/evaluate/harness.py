@@ -17,6 +17,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,6 +300,7 @@ def run_benchmarks(
     limit: int | float | Mapping[str, int | float] | None = None,
     num_fewshot: int | Mapping[str, int] | None = None,
     batch_size: int | str = 1,
+    gen_batch_size: int | None = None,
     gen_kwargs: Mapping[str, Any] | None = None,
     humaneval_n: int = 1,
     humaneval_temperature: float = 0.0,
@@ -324,7 +326,9 @@ def run_benchmarks(
 
     ``seed`` seeds the few-shot sampler, numpy and torch (lm-eval's default 1234; Python's
     ``random`` gets lm-eval's default 0). ``limit``/``num_fewshot`` take an int or a per-task
-    dict.
+    dict. ``gen_batch_size``: the batch of the generation tasks (GSM8K, HumanEval) when it
+    differs from ``batch_size`` (the log-likelihood tasks); each batch decodes until its longest
+    answer ends, so larger batches take fewer decoding steps in all.
     """
     import lm_eval
 
@@ -379,20 +383,21 @@ def run_benchmarks(
                 log.warning("skipping %s: %s", run.name, exc)
                 continue
             log.info("lm-eval: %s (%s, %d-shot)", run.name, run.lm_eval_task, run.num_fewshot)
-            res = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[spec],
-                num_fewshot=run.num_fewshot if source == "hub" else None,
-                limit=run.limit,
-                gen_kwargs=run.gen_kwargs,
-                log_samples=True,
-                random_seed=0,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                confirm_run_unsafe_code=run.unsafe_code,
-                task_manager=task_manager,
-            )
+            with _batch_for(lm, gen_batch_size if run.name in _GEN_TASKS else None):
+                res = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=[spec],
+                    num_fewshot=run.num_fewshot if source == "hub" else None,
+                    limit=run.limit,
+                    gen_kwargs=run.gen_kwargs,
+                    log_samples=True,
+                    random_seed=0,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                    confirm_run_unsafe_code=run.unsafe_code,
+                    task_manager=task_manager,
+                )
             if res is None:  # not rank 0
                 continue
             task_records = sample_records(
@@ -414,6 +419,21 @@ def run_benchmarks(
     if log_samples:
         summary["samples"] = records
     return _jsonable(summary)
+
+
+@contextmanager
+def _batch_for(lm: Any, batch: int | None):
+    """Run with ``lm``'s batch size (lm-eval's ``HFLM.batch_size_per_gpu``) set to ``batch``,
+    then restore it; nothing changes for ``None`` or an LM without that attribute."""
+    if not batch or not hasattr(lm, "batch_size_per_gpu"):
+        yield
+        return
+    before = lm.batch_size_per_gpu
+    lm.batch_size_per_gpu = int(batch)
+    try:
+        yield
+    finally:
+        lm.batch_size_per_gpu = before
 
 
 def _short(x: Any) -> Any:

@@ -147,6 +147,7 @@ def evaluate_model(
             limit=p.limit or None,
             num_fewshot=p.num_fewshot or None,
             batch_size=p.batch_size,
+            gen_batch_size=p.gen_batch_size,
             gen_kwargs=gen,
             humaneval_n=p.humaneval_n,
             humaneval_temperature=p.humaneval_temperature,

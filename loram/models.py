@@ -413,6 +413,12 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None, revision: str
     return tok
 
 
+# Special tokens that end a text or a turn in the supported families (Qwen / SmolLM chat,
+# Llama 2 / 3, Phi). A model may emit any of them where its generation config names only one:
+# a GGUF's metadata has a single end-of-sequence id, so a Qwen2.5 model converted from one stops
+# at <|im_end|> but not at <|endoftext|>, and a fine-tuned model that ends its answer with the
+# latter runs on into a second answer (decoding drops the special token, leaving code glued to
+# code: a syntax error in HumanEval).
 END_TOKENS = (
     "<|endoftext|>",
     "<|im_end|>",
@@ -444,14 +450,22 @@ def end_token_ids(tokenizer, eos_token_id=None) -> list[int]:
     return sorted(ids)
 
 
+def _add_end_tokens(cfg, tokenizer) -> bool:
+    """Set ``cfg.eos_token_id`` (a GenerationConfig) to every end token of :func:`end_token_ids`;
+    returns whether it changed."""
+    before = cfg.eos_token_id
+    ids = end_token_ids(tokenizer, before)
+    if not ids or ids == sorted([before] if isinstance(before, int) else before or []):
+        return False
+    cfg.eos_token_id = ids if len(ids) > 1 else ids[0]
+    return True
+
+
 def stop_at_end_tokens(model, tokenizer) -> None:
     """Make ``model.generate`` stop at every end token (:func:`end_token_ids`) by default."""
     cfg = getattr(model, "generation_config", None)
-    if cfg is None or tokenizer is None:
-        return
-    ids = end_token_ids(tokenizer, cfg.eos_token_id)
-    if ids:
-        cfg.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if cfg is not None and tokenizer is not None:
+        _add_end_tokens(cfg, tokenizer)
 
 
 def save_end_tokens(directory: str | Path, tokenizer) -> None:
@@ -465,14 +479,8 @@ def save_end_tokens(directory: str | Path, tokenizer) -> None:
     if tokenizer is None or not (directory / "generation_config.json").is_file():
         return
     cfg = GenerationConfig.from_pretrained(directory)
-    ids = end_token_ids(tokenizer, cfg.eos_token_id)
-    if ids and ids != _as_list(cfg.eos_token_id):
-        cfg.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if _add_end_tokens(cfg, tokenizer):
         cfg.save_pretrained(directory)
-
-
-def _as_list(v) -> list[int]:
-    return [v] if isinstance(v, int) else sorted(v or [])
 
 
 def check_adapter_dir(path: str | Path, what: str = "adapter") -> dict:

@@ -54,9 +54,8 @@ def quantize_nf4(
                     quant_storage=quant_storage,
                 )
                 if lin.bias is not None:
-                    q.bias = nn.Parameter(
-                        lin.bias.data, requires_grad=False
-                    )  # copied by _own_storage
+                    # (shares the loaded bias; _own_storage below gives it memory of its own)
+                    q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
                 # bitsandbytes' packed CPU inference path repacks the weight in place on the first
                 # no-grad forward and needs out_features % 32 == 0, which pruned shapes break.
                 q.support_avx512bf16_for_cpu = False

@@ -260,12 +260,6 @@ def _make_lm(
     return lm
 
 
-# Special tokens that end a text or a turn in the supported families (Qwen / SmolLM chat,
-# Llama 2 / 3, Phi). A model may emit any of them where its generation config names only one:
-# a GGUF's metadata has a single end-of-sequence id, so a Qwen2.5 model converted from one stops
-# at <|im_end|> but not at <|endoftext|>, and a fine-tuned model that ends its answer with the
-# latter runs on into a second answer (decoding drops the special token, leaving code glued to
-# code: a syntax error in HumanEval).
 _METRIC_NAMES = {
     "exact_match,strict-match": "exact_match_strict",
     "exact_match,flexible-extract": "exact_match_flexible",

@@ -557,6 +557,20 @@ class EvalParams(_Params):
     )
 
 
+class BaselinesParams(_Params):
+    """Reference arms beside ``arms`` and ``variants``."""
+
+    lora_full: bool | Literal["auto"] = Field(
+        True,
+        description="LoRA on the full original model (stages train_lora_full, merge_lora_full, "
+        "evaluate@lora_full). false: those stages record that it was not run and the report "
+        "leaves the arm out; auto: run it unless the base is float32 and training runs on the "
+        "CPU (dtype auto on a CPU without bf16 matmuls in hardware, where training and "
+        "evaluating the full model cost as much as the rest of a run). Read by "
+        "train_lora_full only; changing it retrains no other arm.",
+    )
+
+
 class VariantParams(_Params):
     """A baseline on another model, run in one stage (``variant@NAME``): plain LoRA on ``base``
     (e.g. a smaller model of the same family) -> merge -> evaluate, with these overrides; or
@@ -674,6 +688,7 @@ SECTIONS: dict[str, type[_Params]] = {
     "recover": RecoverParams,
     "merge": MergeParams,
     "eval": EvalParams,
+    "baselines": BaselinesParams,
 }
 
 

@@ -322,11 +322,32 @@ def collect_arms(
         if obj["arm"] in seen:
             raise ValueError(f"arm {obj['arm']!r} appears in both {seen[obj['arm']]} and {path}")
         seen[obj["arm"]] = path
+        if obj.get("skipped"):
+            log.info("report: %s was not run (%s); left out", obj["arm"], obj["skipped"])
+            continue
         _attach_details(obj, d.parent / "details" / obj["arm"])
         arms.append(obj)
     if not arms:
         raise FileNotFoundError(f"no metrics in {d} of the arms {sorted(only or [])}")
     return sorted(arms, key=_arm_rank)
+
+
+def skipped_arms(
+    metrics_dir: str | Path = "metrics/arms", only: Collection[str] | None = None
+) -> dict[str, str]:
+    """Arm name -> why it was not run, for the metrics files that record a switched-off arm
+    (``baselines.lora_full``); :func:`collect_arms` leaves them out."""
+    out: dict[str, str] = {}
+    for path in sorted(Path(metrics_dir).glob("*.json")):
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # collect_arms names the corrupt file
+        if isinstance(obj, dict) and obj.get("skipped"):
+            name = str(obj.get("arm") or path.stem)
+            if only is None or name in only:
+                out[name] = str(obj["skipped"])
+    return out
 
 
 def _attach_details(arm: dict[str, Any], folder: Path) -> None:
@@ -1024,6 +1045,9 @@ def write_report(
     """Write results.md, results.json and the PNG plots into ``out_dir``; return their paths.
     ``only``: the arms to report (see :func:`collect_arms`)."""
     arms = collect_arms(metrics_dir, only)
+    not_run = skipped_arms(metrics_dir, only)
+    if not_run:
+        meta = {**(meta or {}), "not run": [f"{k} ({why})" for k, why in not_run.items()]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}

@@ -33,7 +33,9 @@ def load_arms(metrics_dir: Path, params: Path | None = None) -> list[dict]:
             raise SystemExit(f"{f} is not valid JSON: {exc}") from None
         if isinstance(rec, dict):
             rec.setdefault("arm", f.stem)
-            if only is None or rec["arm"] in only:
+            if rec.get("skipped"):
+                print(f"{rec['arm']}: not run ({rec['skipped']})")
+            elif only is None or rec["arm"] in only:
                 arms.append(rec)
     if not arms:
         raise SystemExit(f"no arm metrics in {metrics_dir} (run the pipeline first)")

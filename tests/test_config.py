@@ -216,7 +216,7 @@ TARGETS = "'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down
         (
             {"prun": {"ratio": 0.3}},
             "prun is not a known params section; allowed: "
-            "base, data, prune, align, train, recover, merge, eval, bases, arms, variants, ablations",
+            "base, data, prune, align, train, recover, merge, eval, baselines, bases, arms, variants, ablations",
         ),
         # wrong types: bools are not numbers, strings are not coerced, null only where optional
         ({"train": {"lr": "1e-3"}}, "train.lr = '1e-3' is not allowed: expected a number"),

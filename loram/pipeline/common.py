@@ -66,3 +66,25 @@ def check_outputs(
         check_output_file(metrics, (".json",), "--metrics")
     if plots:
         check_output_file(plots, (".csv",), "--plots")
+
+
+# A stage that was switched off (baselines.lora_full) still writes its outputs, so DVC caches the
+# decision: the output directory holds only this file, and each later stage passes it on.
+SKIPPED = "loram_skipped.json"
+
+
+def skipped_reason(directory: str | Path) -> str | None:
+    """Why the stage that wrote ``directory`` did not run (its :data:`SKIPPED` file), or None."""
+    marker = Path(directory) / SKIPPED
+    if not marker.is_file():
+        return None
+    return str(read_json_object(marker, "re-run the stage that makes it").get("reason", "?"))
+
+
+def write_skipped(out: str | Path, command: str, reason: str, inputs=()) -> None:
+    """``out`` as a directory holding only the :data:`SKIPPED` record, atomically."""
+    from loram.fsio import atomic_dir, dumps
+
+    with atomic_dir(out, command, inputs) as tmp:
+        (tmp / SKIPPED).write_text(dumps({"reason": reason}), encoding="utf-8")
+    log.info("%s: not run (%s); wrote %s", command, reason, out)

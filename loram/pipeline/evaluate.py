@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loram.config import EvalParams
 from loram.fsio import check_output_file
-from loram.pipeline.common import log, need_file, read_json, write_metrics
+from loram.pipeline.common import log, need_file, read_json, skipped_reason, write_metrics
 
 NAME = "evaluate"
 SECTIONS = ("eval",)
@@ -212,6 +212,12 @@ def run(
     for opt, value in (("--train-metrics", train_metrics), ("--merge-metrics", merge_metrics)):
         if value:
             check_output_file(value, (".json",), opt)
+    why = skipped_reason(model)
+    if why:  # the arm's training was switched off (baselines.lora_full): record that, no model
+        rec = {"arm": arm, "kind": kind, "description": description, "skipped": why}
+        write_details(details_path, {"arm": arm, "skipped": why}, [])
+        write_metrics(out, rec, "--out")
+        return rec
     tm = read_json(train_metrics) if train_metrics else {}
     res = evaluate_model(model, adapter or None, data, p, tokenizer_dir=tokenizer or None)
     rec = {"arm": arm, "kind": kind, "description": description}

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from loram.config import MergeParams, RecoverParams
 from loram.errors import ArtifactError
-from loram.pipeline.common import check_outputs, log, write_metrics
+from loram.pipeline.common import (
+    check_outputs,
+    log,
+    skipped_reason,
+    write_metrics,
+    write_skipped,
+)
 
 NAME = "merge"
 SECTIONS = ("recover", "merge")
@@ -42,6 +48,11 @@ def run(
     from loram.recover import check_provenance, read_provenance
 
     check_outputs("merge", out, [base, adapter, pruned], metrics=metrics)
+    why = skipped_reason(adapter)
+    if why:  # the adapter's stage was switched off (baselines.lora_full): pass that on
+        write_skipped(out, "merge", why, [base, adapter])
+        write_metrics(metrics, {"skipped": why})
+        return {"skipped": why}
     check_adapter_dir(adapter)
     has_pruned = pruned not in ("", "none")
     manifest = read_manifest(pruned) if has_pruned else {}

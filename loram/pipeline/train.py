@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from loram.config import TrainParams, to_dict
-from loram.pipeline.common import check_outputs, need_dir, need_file, read_json, write_metrics
+from loram.pipeline.common import (
+    check_outputs,
+    need_dir,
+    need_file,
+    read_json,
+    write_metrics,
+    write_skipped,
+)
 
 NAME = "train"
 SECTIONS = ("train",)
@@ -37,6 +44,30 @@ def load_trainable_base(path: str):
     return load_hf_model(path), None
 
 
+def full_baseline_skipped(params_file: str, model: str) -> str | None:
+    """Why LoRA on the full model is not trained (``baselines.lora_full``), or None to train it."""
+    import torch
+
+    from loram.config import load_params
+    from loram.models import artifact_dtype, default_device
+
+    if not Path(params_file).is_file():
+        return None  # a library call without a params file: the default, true
+    setting = load_params(params_file, ["baselines"])["baselines"].lora_full
+    if setting is True:
+        return None
+    if setting is False:
+        return "baselines.lora_full is false"
+    need_dir(model, "model")
+    dtype = artifact_dtype(model)
+    if default_device() != "cpu" or dtype != torch.float32:
+        return None
+    return (
+        "baselines.lora_full is auto and the base is float32 on the CPU, where LoRA on the "
+        "full model costs as much again as the rest of the run; set it to true to train it"
+    )
+
+
 def run(
     p: TrainParams,
     *,
@@ -48,6 +79,7 @@ def run(
     metrics: str,
     plots: str,
     name: str = "",
+    params_file: str = "params.yaml",
 ) -> dict:
     from loram import distributed as dist
     from loram.data import read_jsonl
@@ -57,6 +89,14 @@ def run(
     from loram.train import bound_training_heap, train_lora, write_loss_csv
 
     check_outputs("train", out, [model, data], metrics=metrics, plots=plots)
+    if arm == "lora_full" and not dist.in_worker():
+        why = full_baseline_skipped(params_file, model)
+        if why:
+            write_skipped(out, "train", why, [model, data])
+            write_loss_csv(plots, [], arm)
+            res = {"arm": arm, "skipped": why}
+            write_metrics(metrics, res)
+            return res
     bound_training_heap(p)
     train_rows = read_jsonl(need_file(Path(data) / "train.jsonl", "training data"))
     val_rows = read_jsonl(need_file(Path(data) / "val.jsonl", "validation data"))
@@ -65,7 +105,7 @@ def run(
         # This stage again, in p.processes data-parallel workers (rank 0 writes the outputs).
         dist.check_split("train", p)
         opts = dict(model=model, data=data, out=out, arm=arm, checkpoints=checkpoints)
-        opts.update(metrics=metrics, plots=plots, name=name)
+        opts.update(metrics=metrics, plots=plots, name=name, params_file=params_file)
         dist.launch("train", p.processes, run, (p,), opts, init=setup_logging)
         return read_json(metrics)
     trained_on: dict = {"model_dir": str(model)}

@@ -65,6 +65,7 @@ def test_switched_off_lora_full_records_why_in_every_output_and_the_report_leave
     adapter = Path("artifacts/lora_full/adapter")
     assert _read(str(adapter / SKIPPED)) == {"reason": why}
     assert not (adapter / "adapter_model.safetensors").exists()
+    assert Path("artifacts/checkpoints/lora_full").is_dir()  # dvc.yaml declares it
     assert Path("plots/loss/lora_full.csv").read_text().splitlines() == [
         "arm,step,loss,val_loss,lr"
     ]

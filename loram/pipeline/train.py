@@ -93,6 +93,7 @@ def run(
         why = full_baseline_skipped(params_file, model)
         if why:
             write_skipped(out, "train", why, [model, data])
+            Path(checkpoints).mkdir(parents=True, exist_ok=True)  # a declared (persistent) out
             write_loss_csv(plots, [], arm)
             res = {"arm": arm, "skipped": why}
             write_metrics(metrics, res)

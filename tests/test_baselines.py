@@ -10,20 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tinyproject import SOURCES, write_sources
+from tinyproject import SOURCES, TRAIN, write_sources
 
 from loram.cli import main
 from loram.pipeline.common import SKIPPED
 
-TRAIN = {
-    "max_steps": 2,
-    "warmup_steps": 0,
-    "micro_batch": 2,
-    "seq_len": 96,
-    "save_every": 2,
-    "eval_every": 2,
-    "max_val_rows": 2,
-}
 FULL = [
     "--model", "artifacts/base", "--arm", "lora_full", "--out", "artifacts/lora_full/adapter",
     "--checkpoints", "artifacts/checkpoints/lora_full",

@@ -9,22 +9,14 @@ import sys
 from pathlib import Path
 
 import yaml
-from tinyproject import SOURCES, write_sources
+from tinyproject import SOURCES, TRAIN, write_sources
 
 from loram.cli import main
 
 PARAMS = {
     "base": {"model": "tiny-llama"},
     "data": SOURCES,
-    "train": {
-        "max_steps": 2,
-        "warmup_steps": 0,
-        "micro_batch": 2,
-        "seq_len": 96,
-        "save_every": 2,
-        "eval_every": 2,
-        "max_val_rows": 2,
-    },
+    "train": TRAIN,
     "eval": {"ppl_max_rows": 2, "ppl_seq_len": 64, "batch_size": 2, "tasks": []},
     "variants": {
         "small": {"base": {"model": "tiny-qwen2"}, "description": "LoRA on the other model"},

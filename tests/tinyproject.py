@@ -17,6 +17,17 @@ SOURCES = {
 }
 """The ``data`` section that reads the files :func:`write_sources` writes."""
 
+TRAIN = {
+    "max_steps": 2,
+    "warmup_steps": 0,
+    "micro_batch": 2,
+    "seq_len": 96,
+    "save_every": 2,
+    "eval_every": 2,
+    "max_val_rows": 2,
+}
+"""A ``train`` section of two tiny steps, for the tests that train on tiny-llama / tiny-qwen2."""
+
 
 def rows(n: int, seed: int) -> list[dict]:
     out = []

@@ -137,7 +137,9 @@ def prepare(
         save_pruned(m.to("cpu"), manifest, work / name, tokenizer=tok, command="prune")
 
 
-def _saved_activation_bytes(model, batch, device, chunk: int) -> tuple[int, int]:
+def _saved_activation_bytes(
+    model, batch, device, chunk: int, fused: bool = True
+) -> tuple[int, int]:
     """Bytes autograd keeps for the backward pass of one micro-batch (forward + backward run
     once, gradients then dropped): ``(activations, logits)``, the latter the saved tensors whose
     last dimension is the vocabulary. Parameters are not counted; storages are counted once.
@@ -158,7 +160,7 @@ def _saved_activation_bytes(model, batch, device, chunk: int) -> tuple[int, int]
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = batch_loss(model, batch, device, chunk)
+        loss, _ = batch_loss(model, batch, device, chunk, fused=fused)
     loss.backward()
     model.zero_grad(set_to_none=True)
     acts = sum(b for b, is_logits in seen.values() if not is_logits)
@@ -197,6 +199,55 @@ def _analytic(cfg, p, n_tokens: int, micro: int, act_bytes: int, trainable: int)
         "loss_transient": loss_transient,
         "floor_activations": layer_in + one_layer + 3 * floor_chunk * vocab * 4,
     }
+
+
+def step_flops(model, micro: int, seq_len: int, labelled: float, p) -> dict:
+    """Floating-point operations of one LoRA training step of ``model`` (frozen base, real or
+    meta, peft-wrapped or not), counted from its module shapes: the FLOP bound of the arm.
+
+    * decoder projections (frozen): forward ``2 T in out``, backward the input gradient only
+      (the same again), plus one more forward per recomputed layer with grad checkpointing;
+    * LoRA A and B: forward, input and weight gradients (three times ``2 T r (in + out)``);
+    * attention scores: ``QK^T`` and ``AV`` over the causal half, ``2 B S^2 q_width`` forward,
+      twice that backward;
+    * ``lm_head``: over every position (stock loss) or the labelled ones only (chunked loss):
+      forward and input gradient, plus a recomputation of each chunk's logits in the backward
+      pass unless the loss is fused (``loss_fused`` and a frozen plain ``nn.Linear`` head).
+
+    Norms, activations, rotary and the optimizer are memory-bound and left out: the bound is what
+    the matrix products alone allow. ``T = micro x seq_len`` tokens, ``labelled``: how many of
+    them carry a label.
+    """
+    from torch import nn
+
+    from loram.memory import decoder_layers
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n_tok = micro * seq_len
+    recompute = 1 if p.grad_checkpointing else 0
+    proj = lora = q_width = 0
+    for layer in decoder_layers(base):
+        for name, m in layer.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            if ".lora_" in f".{name}":
+                lora += m.in_features * m.out_features
+            else:
+                proj += m.in_features * m.out_features
+                if name.endswith("q_proj") or name.endswith("q_proj.base_layer"):
+                    q_width += m.out_features
+    head = base.get_output_embeddings()
+    fused = p.loss_fused and type(head) is nn.Linear and not getattr(p, "lm_head", False)
+    head = getattr(head, "base_layer", head)
+    rows = labelled if p.loss_chunk else n_tok
+    head_passes = 2 if not p.loss_chunk or fused else 3
+    parts = {
+        "projections": 2 * n_tok * proj * (2 + recompute),
+        "lora": 2 * n_tok * lora * (3 + recompute),
+        "attention": 2 * micro * seq_len**2 * q_width * (3 + recompute),
+        "lm_head": 2 * rows * head.in_features * head.out_features * head_passes,
+    }
+    return {**parts, "total": sum(parts.values())}
 
 
 def _import_libraries() -> None:
@@ -255,7 +306,7 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
     pad = tok.pad_token_id or 0
     peft_model.train()
     acts, logits = _saved_activation_bytes(
-        peft_model, collate(blocks[:micro], pad), device, p.loss_chunk
+        peft_model, collate(blocks[:micro], pad), device, p.loss_chunk, p.loss_fused
     )
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as ckpt:
@@ -279,6 +330,8 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
         if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     )
+    labelled = sum(sum(1 for v in b["labels"][1:] if v != -100) for b in blocks) / steps
+    flops = step_flops(peft_model, micro, seq_len, labelled, p)
     cfg = peft_model.get_base_model().config
     act_dtype = next(x for x in peft_model.parameters() if x.is_floating_point()).dtype
     ana = _analytic(cfg, p, micro * seq_len, micro, torch.finfo(act_dtype).bits // 8, trainable)
@@ -309,9 +362,15 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
         },
         "floor_mib": round(floor / mib, 1),
         "peak_vs_floor": round(peak / floor, 3),
+        "flops_per_step": flops["total"],
+        "gflop_per_step": round(flops["total"] / 1e9, 1),
+        "gflop_per_step_parts": {k: round(v / 1e9, 1) for k, v in flops.items() if k != "total"},
+        "gflop_per_second": round(flops["total"] / 1e9 / per_step, 2),
         "loss_chunk": p.loss_chunk,
+        "loss_fused": p.loss_fused,
         "grad_checkpointing": p.grad_checkpointing,
         "attn_implementation": attn_implementation(peft_model),
+        "heap_mmap_threshold": p.heap_mmap_threshold,
         "steps": steps,
         "micro_batch": micro,
         "seq_len": seq_len,
@@ -350,10 +409,15 @@ def analytic_arms(
         lora = sum(p.r * (m.in_features + m.out_features) for m in projections)
         ana = _analytic(model.config, p, n_tokens, micro, dtype_bytes, lora)
         floor = weights + ana["trainable_state"] + ana["floor_activations"]
+        flops = step_flops(model, micro, seq_len, n_tokens, p)["total"]
         out[arm] = {"params_held": total, "param_bytes": weights, "lora_params": lora,
-                    "floor_mib": round(floor / 2**20, 1)}  # fmt: skip
+                    "floor_mib": round(floor / 2**20, 1), "flops_per_step": flops,
+                    "gflop_per_step": round(flops / 1e9, 1)}  # fmt: skip
     for r in out.values():
         r["floor_vs_lora_full"] = round(r["floor_mib"] / out["lora_full"]["floor_mib"], 4)
+        r["flop_bound_vs_lora_full"] = round(
+            out["lora_full"]["flops_per_step"] / r["flops_per_step"], 4
+        )
     return out
 
 
@@ -372,8 +436,8 @@ ABSOLUTE = 0.70  # every arm's peak at most 70% of the same arm's with the stock
 def _table(rows: list[dict]) -> str:
     head = (
         f"{'arm':<20} {'params held':>13} {'param MiB':>10} {'peak MiB':>9} {'x mem':>6} "
-        f"{'s/step':>7} {'samples/s':>9} {'x speed':>8} {'floor MiB':>9} {'x floor':>7} "
-        f"{'peak/floor':>10}"
+        f"{'s/step':>7} {'samples/s':>9} {'x speed':>8} {'x bound':>7} {'GFLOP/s':>7} "
+        f"{'floor MiB':>9} {'x floor':>7} {'peak/floor':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -381,7 +445,9 @@ def _table(rows: list[dict]) -> str:
             f"{r['label']:<20} {r['params_held']:>13,} {r['param_bytes'] / 2**20:>10.1f} "
             f"{r['peak_mib']:>9,.1f} {r.get('memory_vs_lora_full', float('nan')):>6.3f} "
             f"{r['seconds_per_step']:>7.2f} {r['samples_per_second']:>9.3f} "
-            f"{r.get('speed_vs_lora_full', float('nan')):>8.3f} {r['floor_mib']:>9,.1f} "
+            f"{r.get('speed_vs_lora_full', float('nan')):>8.3f} "
+            f"{r.get('flop_bound_vs_lora_full', float('nan')):>7.3f} "
+            f"{r.get('gflop_per_second', float('nan')):>7.1f} {r['floor_mib']:>9,.1f} "
             f"{r.get('floor_vs_lora_full', float('nan')):>7.3f} {r['peak_vs_floor']:>10.2f}"
         )
     keys = ("weights", "trainable_state", "activations", "logits_loss", "runtime")
@@ -403,6 +469,9 @@ def _ratios(rows: list[dict]) -> None:
             r["memory_vs_lora_full"] = round(r["peak_mib"] / ref["peak_mib"], 4)
             r["speed_vs_lora_full"] = round(r["samples_per_second"] / ref["samples_per_second"], 4)
             r["floor_vs_lora_full"] = round(r["floor_mib"] / ref["floor_mib"], 4)
+            if "flops_per_step" in r and "flops_per_step" in ref:
+                # the speed the matrix products allow: lora_full's FLOPs over this arm's
+                r["flop_bound_vs_lora_full"] = round(ref["flops_per_step"] / r["flops_per_step"], 4)
         stock = by.get(r["arm"] + "@stock")
         if stock and stock is not r:
             r["memory_vs_stock"] = round(r["peak_mib"] / stock["peak_mib"], 4)
@@ -418,7 +487,10 @@ def _targets(rows: list[dict]) -> list[dict]:
         if r is None or key not in r:
             continue
         v = r[key]
-        out.append({"target": label, "value": v, "holds": v <= bound if op == "<=" else v >= bound})
+        t = {"target": label, "value": v, "holds": v <= bound if op == "<=" else v >= bound}
+        if qty == "speed" and "flop_bound_vs_lora_full" in r:
+            t["flop_bound"] = r["flop_bound_vs_lora_full"]
+        out.append(t)
     for r in rows:
         if "memory_vs_stock" in r and r["label"] == r["arm"]:
             v = r["memory_vs_stock"]
@@ -462,6 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         "--loss-chunk", type=int, default=d.loss_chunk, help="train.loss_chunk (0: stock loss)"
     )
     ap.add_argument(
+        "--loss-fused",
+        action=argparse.BooleanOptionalAction,
+        default=d.loss_fused,
+        help="train.loss_fused (a frozen head's chunk gradients taken in the forward pass)",
+    )
+    ap.add_argument(
         "--grad-checkpointing",
         action=argparse.BooleanOptionalAction,
         default=d.grad_checkpointing,
@@ -479,7 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated settings to run every arm with as well, in the same run: stock "
         "(full-logits loss, no checkpointing, glibc's heap: each arm's memory is also reported "
         "against it), loss_only (the --loss-chunk loss, no checkpointing), ckpt_only "
-        "(checkpointing, stock loss), bounded_heap (heap_mmap_threshold 131072)",
+        "(checkpointing, stock loss), bounded_heap (heap_mmap_threshold 131072), glibc_heap "
+        "(heap_mmap_threshold 0: glibc's dynamic threshold), unfused (loss_fused false: every "
+        "loss chunk recomputed in the backward pass)",
     )
     ap.add_argument("--compare-stock", action="store_true", help="the same as --also stock")
     ap.add_argument(
@@ -529,7 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.analytic:
         from loram.memory import load_config
 
-        p = TrainParams(loss_chunk=a.loss_chunk, grad_checkpointing=a.grad_checkpointing)
+        p = TrainParams(
+            loss_chunk=a.loss_chunk,
+            loss_fused=a.loss_fused,
+            grad_checkpointing=a.grad_checkpointing,
+        )
         res = analytic_arms(
             load_config(a.analytic), a.ratio, a.micro_batch, a.seq_len, a.dtype_bytes, p
         )
@@ -538,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         for arm, r in res.items():
             print(f"{arm:<12} params {r['params_held']:>14,}  weights "
                   f"{r['param_bytes'] / 2**20:>10,.1f} MiB  floor {r['floor_mib']:>10,.1f} MiB  "
-                  f"x {r['floor_vs_lora_full']:.3f}")  # fmt: skip
+                  f"x {r['floor_vs_lora_full']:.3f}  GFLOP/step {r['gflop_per_step']:>9,.1f}  "
+                  f"speed bound x {r['flop_bound_vs_lora_full']:.3f}")  # fmt: skip
         if a.out:
             from loram.fsio import atomic_write_json
 
@@ -566,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([*me, "--child", "prepare", *common], check=True)
     chosen = {
         "loss_chunk": a.loss_chunk,
+        "loss_fused": a.loss_fused,
         "grad_checkpointing": a.grad_checkpointing,
         "attn_implementation": a.attn_implementation,
         "heap_mmap_threshold": a.heap_mmap_threshold,
@@ -573,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     presets = {
         "stock": {"loss_chunk": 0, "grad_checkpointing": False, "heap_mmap_threshold": 0},
         "bounded_heap": {"heap_mmap_threshold": 131072},
+        "glibc_heap": {"heap_mmap_threshold": 0},
+        "unfused": {"loss_fused": False},
         "loss_only": {"loss_chunk": a.loss_chunk or 256, "grad_checkpointing": False},
         "ckpt_only": {"loss_chunk": 0, "grad_checkpointing": True},
     }
@@ -615,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     if targets:
         print()
         for t in targets:
-            print(f"{'HOLDS' if t['holds'] else 'MISSES'}  {t['target']}: {t['value']:.3f}")
+            bound = f" (the FLOPs allow {t['flop_bound']:.3f})" if "flop_bound" in t else ""
+            print(f"{'HOLDS' if t['holds'] else 'MISSES'}  {t['target']}: {t['value']:.3f}{bound}")
     if a.out:
         from loram.fsio import atomic_write_json
 

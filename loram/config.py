@@ -359,6 +359,11 @@ _LOSS_CHUNK = (
     "Tokens per chunk of the vocabulary projection + cross-entropy, each chunk checkpointed so "
     "the full fp32 logits of a batch never exist (0: the stock loss over the full logits)."
 )
+_LOSS_FUSED = (
+    "With loss_chunk: where lm_head is a frozen plain linear layer, each chunk's gradient is taken "
+    "in the forward pass (one fewer vocabulary projection per token than recomputing the chunk "
+    "in the backward pass, same memory); false: checkpoint and recompute every chunk."
+)
 _GRAD_CKPT = (
     "Activation checkpointing of the decoder layers (non-reentrant): the backward pass "
     "recomputes each layer's forward instead of keeping its activations."
@@ -374,9 +379,10 @@ _HEAP = (
 )
 AttnImplementation = Literal["sdpa", "eager"]
 LOSS_CHUNK_DEFAULT = 256
-# Off until benchmarks/train_cost.py measures its time cost on a quiet machine (--also bounded_heap):
-# mapping every large tensor afresh costs page faults (about 20% in a matmul loop on 2 busy cores).
-HEAP_MMAP_THRESHOLD_DEFAULT = 0
+# On: glibc's dynamic threshold keeps the freed activations of every step resident (SmolLM2-135M,
+# 4 x 512, checkpointing: 2.8 GiB of heap above the weights against 0.3 GiB of live tensors);
+# benchmarks/train_cost.py --also glibc_heap measures both ways (README "Training cost").
+HEAP_MMAP_THRESHOLD_DEFAULT = 131072
 # Off by default: on CPU at the default scale it doubles training time; GPU profiles turn it on.
 GRAD_CKPT_DEFAULT = False
 
@@ -389,6 +395,7 @@ class EngineParams(_Params):
     sharding: Sharding = Field("none", description=_SHARDING)
     precision: Precision = Field("auto", description=_PRECISION)
     loss_chunk: int = Field(LOSS_CHUNK_DEFAULT, ge=0, description=_LOSS_CHUNK)
+    loss_fused: bool = Field(True, description=_LOSS_FUSED)
     grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
     attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
     heap_mmap_threshold: int = Field(HEAP_MMAP_THRESHOLD_DEFAULT, ge=0, description=_HEAP)

@@ -15,6 +15,12 @@ Two implementations of the same quantity:
   projection is the model's own output-embedding module (a peft ``lora.Linear`` when
   ``train.lm_head`` adapts it), so LoRA on ``lm_head`` and tied embeddings behave as in the
   stock forward.
+* ``fused`` (with ``chunk=N``, the default): where the head is a frozen plain ``nn.Linear`` (LoRA
+  on the decoder only, the usual case), no chunk is recomputed: each chunk's logits are
+  projected, scored and turned into the gradient of its hidden states at once, in the forward
+  pass (:class:`_FusedHeadCE`), and the backward pass only scales that saved gradient. The
+  vocabulary projection then runs twice per scored token (forward, input gradient) instead of
+  three times, and autograd keeps one ``tokens x hidden`` tensor, as the checkpointed chunks do.
 
 The chunked loss runs as the causal LM's own forward (for the duration of the call, see
 :func:`_loss_forward`), reached through whatever wraps the model: peft, accelerate's DDP (whose
@@ -89,6 +95,46 @@ def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor)
     return F.cross_entropy(_upcast(head(hidden)), labels, reduction="sum")
 
 
+def _fusable(head: torch.nn.Module) -> bool:
+    """Whether the head is a frozen plain linear layer (its gradient can be taken in the
+    forward pass): not a peft LoRA layer, not quantized, nothing of it trained, and no hook on
+    it (the fused loss reads its weight instead of calling it, so hooks would not run)."""
+    return (
+        type(head) is torch.nn.Linear
+        and not any(p.requires_grad for p in head.parameters())
+        and not (head._forward_hooks or head._forward_pre_hooks)
+    )
+
+
+class _FusedHeadCE(torch.autograd.Function):
+    """Summed cross-entropy of ``linear(hidden, weight, bias)`` against ``labels``, ``chunk``
+    rows at a time, with the gradient of each chunk's hidden states taken at once in the forward
+    pass (softmax minus the one-hot label, times the weight): no logits outlive their chunk
+    and none is recomputed. For a frozen head only (no weight gradient is formed)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk):
+        grad = torch.empty_like(hidden)
+        total = None
+        for i in range(0, labels.numel(), chunk):
+            h, y = hidden[i : i + chunk], labels[i : i + chunk]
+            raw = F.linear(h, weight, bias)  # under an ambient autocast as the head would run
+            logp = torch.log_softmax(_upcast(raw), dim=-1)
+            part = -logp.gather(1, y[:, None]).sum()
+            total = part if total is None else total + part
+            probs = logp.exp_()  # d(sum of -log p_y) / d logits = softmax - one-hot
+            probs[torch.arange(y.numel(), device=y.device), y] -= 1
+            grad[i : i + chunk] = (probs.to(raw.dtype) @ weight.to(raw.dtype)).to(hidden.dtype)
+            del raw, logp, probs
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None
+
+
 def _inputs(batch: dict) -> dict:
     """The model inputs of a collated batch: padded (``attention_mask``) or packed
     (``position_ids``, no mask: see :func:`loram.data.collate_packed`)."""
@@ -109,7 +155,9 @@ def _stock_loss(model, batch: dict) -> torch.Tensor:
     )
 
 
-def _chunked_loss(body, head, batch: dict, chunk: int, use_checkpoint: bool = True) -> torch.Tensor:
+def _chunked_loss(
+    body, head, batch: dict, chunk: int, use_checkpoint: bool = True, fused: bool = True
+) -> torch.Tensor:
     hidden = body(**_inputs(batch), use_cache=False)[0]
     labels = batch["labels"][:, 1:]
     keep = labels != -100
@@ -117,7 +165,11 @@ def _chunked_loss(body, head, batch: dict, chunk: int, use_checkpoint: bool = Tr
     labels = labels[keep]
     ckpt = use_checkpoint and torch.is_grad_enabled()
     # (no labelled token: a zero that still carries the graph, as the stock loss's sum does)
-    total = _upcast(hidden).sum() * 0.0 if labels.numel() == 0 else 0.0
+    if labels.numel() == 0:
+        return _upcast(hidden).sum() * 0.0
+    if ckpt and fused and hidden.requires_grad and _fusable(head):
+        return _FusedHeadCE.apply(hidden, head.weight, head.bias, labels, chunk)
+    total = 0.0
     for i in range(0, labels.numel(), chunk):
         h, y = hidden[i : i + chunk], labels[i : i + chunk]
         if ckpt:
@@ -131,7 +183,7 @@ def _chunked_loss(body, head, batch: dict, chunk: int, use_checkpoint: bool = Tr
 
 
 @contextlib.contextmanager
-def _loss_forward(model, body, head, chunk: int, use_checkpoint: bool):
+def _loss_forward(model, body, head, chunk: int, use_checkpoint: bool, fused: bool = True):
     """For the duration of the block, the causal LM inside ``model`` computes the chunked loss
     as its forward (``labels`` required; ``.loss`` is the summed cross-entropy, no logits).
 
@@ -149,7 +201,8 @@ def _loss_forward(model, body, head, chunk: int, use_checkpoint: bool):
             "position_ids": position_ids,
             "labels": labels,
         }
-        return CausalLMOutput(loss=_chunked_loss(body, head, batch, chunk, use_checkpoint))
+        loss = _chunked_loss(body, head, batch, chunk, use_checkpoint, fused)
+        return CausalLMOutput(loss=loss)
 
     base.forward = forward
     try:
@@ -162,7 +215,7 @@ def _loss_forward(model, body, head, chunk: int, use_checkpoint: bool):
 
 
 def batch_loss(
-    model, batch: dict, device, chunk: int = 0, *, use_checkpoint: bool = True
+    model, batch: dict, device, chunk: int = 0, *, use_checkpoint: bool = True, fused: bool = True
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy of a collated batch and its number of scored tokens.
 
@@ -170,8 +223,10 @@ def batch_loss(
     outermost wrapper in every case). ``chunk``: 0 = the stock loss over the model's full
     logits; N > 0 = the chunked loss over the labelled positions, N tokens per vocabulary
     projection (see the module docstring). Models whose forward transforms the logits after
-    ``lm_head`` always use the stock loss. ``use_checkpoint=False`` keeps every chunk's graph
-    (for tests of the recomputation).
+    ``lm_head`` always use the stock loss. ``fused`` (train.loss_fused): a frozen plain head takes
+    each chunk's gradient in the forward pass instead of recomputing the chunk (see the module
+    docstring). ``use_checkpoint=False`` keeps every chunk's graph (for tests of the
+    recomputation).
     """
     if chunk < 0:
         raise ValueError(f"loss chunk must be >= 0 (0: the stock loss), got {chunk}")
@@ -182,7 +237,7 @@ def batch_loss(
         log.warning("loss_chunk %d: this model transforms its logits; using the stock loss", chunk)
     if parts is None:
         return _stock_loss(model, batch), n
-    with _loss_forward(model, *parts, chunk, use_checkpoint):
+    with _loss_forward(model, *parts, chunk, use_checkpoint, fused):
         out = model(**_inputs(batch), labels=batch["labels"], use_cache=False)
     return out.loss, n
 

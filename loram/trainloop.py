@@ -228,6 +228,7 @@ def _train(
     # The chunked loss runs as the model's forward, through the engine's wrapper (DDP, FSDP2):
     # every process and every sharding uses it (loram.loss.batch_loss).
     chunk = cfg.loss_chunk
+    fused = getattr(cfg, "loss_fused", True)
     tokens_per_step = None
     bar = tqdm(
         total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
@@ -256,7 +257,7 @@ def _train(
             last = k == len(mine) - 1
             with contextlib.nullcontext() if last else acc.no_sync(wrapped):
                 with acc.autocast():
-                    loss, n = batch_loss(wrapped, batch, device, chunk)
+                    loss, n = batch_loss(wrapped, batch, device, chunk, fused=fused)
                 acc.backward(loss / denom)
             loss_sum += loss.item()
             tok_sum += n

@@ -63,6 +63,35 @@ def test_saved_activations_shrink_with_each_option():
     assert sizes[8, True][0] < sizes[8, False][0]
 
 
+def test_step_flops_counts_each_pass():
+    """The FLOP bound: frozen projections forward + input gradient (+ a recomputation with
+    checkpointing); lm_head over the labelled rows twice fused, three times when each chunk is
+    recomputed, twice over every position with the stock loss."""
+    from torch import nn
+
+    model = tiny_llama()
+    cfg = model.config
+    proj = sum(
+        m.in_features * m.out_features
+        for layer in model.model.layers
+        for m in layer.modules()
+        if isinstance(m, nn.Linear)
+    )
+    head = cfg.hidden_size * cfg.vocab_size
+
+    def flops(**kw):
+        return train_cost.step_flops(model, 2, 32, 50, TrainParams(**kw))
+
+    fused = flops(loss_chunk=16)
+    assert fused["projections"] == 2 * 64 * proj * 2 and fused["lora"] == 0
+    assert fused["lm_head"] == 2 * 50 * head * 2
+    assert flops(loss_chunk=16, loss_fused=False)["lm_head"] == 2 * 50 * head * 3
+    assert flops(loss_chunk=0)["lm_head"] == 2 * 64 * head * 2
+    ckpt = flops(loss_chunk=16, grad_checkpointing=True)
+    assert ckpt["projections"] == 2 * 64 * proj * 3
+    assert fused["total"] == sum(v for k, v in fused.items() if k != "total")
+
+
 def test_analytic_floor_counts_weights_state_and_one_chunk():
     cfg = tiny_llama().config
     p = TrainParams(loss_chunk=16, grad_checkpointing=True)

@@ -307,6 +307,69 @@ def test_evaluate_loss_is_the_same_with_chunks(chunk):
     assert abs(got - ref) <= 2 * forward_tol(cfg, torch.tensor(ref), torch.float64, 2)
 
 
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("mode", ["plain", "lora"])
+def test_fused_loss_equals_recomputed_chunks(build, tie, mode, monkeypatch):
+    """train.loss_fused: a frozen plain lm_head takes each chunk's gradient in the forward
+    pass. Loss and gradients equal the checkpointed chunks' (and so the stock loss's, above) up
+    to rounding, and the fused path is the one that ran (its Function is called once per loss,
+    never with loss_fused off)."""
+    import loram.loss as L
+
+    calls = []
+    real = L._FusedHeadCE.apply
+    monkeypatch.setattr(L._FusedHeadCE, "apply", lambda *a: calls.append(1) or real(*a))
+    batch, _ = _ragged_batch()
+    model = _model(build, mode, tie)
+    cfg = (model.get_base_model() if mode != "plain" else model).config
+    for chunk in (1, 5, 64):
+        ref, n, g_ref = _loss_and_grads(model, batch, chunk, fused=False)
+        assert not calls
+        loss, n2, grads = _loss_and_grads(model, batch, chunk, fused=True)
+        assert calls == [1] and n2 == n
+        calls.clear()
+        assert_within(loss, ref, n * 2 * forward_tol(cfg, ref / n, torch.float64, 2), "loss")
+        assert grads.keys() == g_ref.keys() and g_ref
+        for k, g in g_ref.items():
+            assert_within(grads[k], g, forward_tol(cfg, g, torch.float64, 2), k)
+
+
+def test_fused_loss_projects_onto_the_vocabulary_only_in_the_forward_pass():
+    """Fused, the backward pass runs no vocabulary projection (no recomputed logits); unfused,
+    it recomputes every chunk's. A trained head (LoRA on lm_head) is never fused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from loram.loss import _fusable
+
+    vocab = 2048
+
+    class VocabMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("mm", "addmm", "matmul") and out.shape[-1:] == (vocab,):
+                self.n += 1
+            return out
+
+    batch, _ = _ragged_batch(vocab=vocab)
+    for fused, expected in ((True, 0), (False, None)):
+        model = _model(tiny_llama, "lora", False, vocab=vocab)
+        loss, _ = batch_loss(model, batch, "cpu", 5, fused=fused)
+        with VocabMatmuls() as seen:
+            loss.backward()
+        if expected is None:
+            assert seen.n > 0  # the recomputed chunks
+        else:
+            assert seen.n == expected
+    assert _fusable(_model(tiny_llama, "lora", True).get_base_model().lm_head)
+    assert not _fusable(_model(tiny_llama, "lora_head", False).get_base_model().lm_head)
+
+
 def test_negative_loss_chunk_is_refused():
     with pytest.raises(ValueError, match="loss_chunk"):
         TrainParams(loss_chunk=-1)
@@ -397,6 +460,16 @@ def test_chunked_loss_runs_through_a_ddp_wrapper(tmp_path, mode):
         }
         for k, g in g_ref.items():
             assert_within(grads[k], g, forward_tol(cfg, g, torch.float64, 2), k)
+        # the hook above kept the chunks recomputed; without it the frozen head is fused
+        model.zero_grad(set_to_none=True)
+        loss, n = batch_loss(ddp, batch, "cpu", 5)
+        loss.backward()
+        assert_within(
+            loss.detach(), ref, n * 2 * forward_tol(cfg, ref / n, torch.float64, 2), "fused loss"
+        )
+        for k, g in g_ref.items():
+            p = dict(ddp.named_parameters())["module." + k]
+            assert_within(p.grad, g, forward_tol(cfg, g, torch.float64, 2), k)
         del inner.forward
         batch_loss(ddp, batch, "cpu", 5)
         assert "forward" not in inner.__dict__

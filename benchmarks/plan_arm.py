@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": a.seq_len,
         "loss_chunk": a.loss_chunk,
         "grad_checkpointing": a.grad_checkpointing,
+        "dropout_rng": getattr(p, "dropout_rng", "torch"),
         "steps": a.steps,
         "peak_mib": round(peak / 2**20, 1),
         "dtype": str(dtype),

@@ -52,6 +52,7 @@ def predict(arm: str, row: dict, work: Path, ratio: float):
         seq_len=int(row["seq_len"]),
         grad_checkpointing=bool(row.get("grad_checkpointing", False)),
         loss_chunk=int(row.get("loss_chunk", 0) or 0),
+        dropout_rng=row.get("dropout_rng", "torch"),  # (results before it: torch's)
         attention=row.get("attn_implementation", "sdpa"),
         device="cpu" if str(row.get("device", "cpu")).startswith("cpu") else "cuda",
     )
@@ -106,6 +107,7 @@ def compare_results(lines: list[str], config: str, ratio: float) -> list[dict]:
             seq_len=r["seq_len"],
             loss_chunk=r["loss_chunk"],
             grad_checkpointing=r["grad_checkpointing"],
+            dropout_rng=r.get("dropout_rng", "torch"),
             device="cpu",
         )
         p = plan(config, s)

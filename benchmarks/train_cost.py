@@ -368,6 +368,7 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
         "gflop_per_second": round(flops["total"] / 1e9 / per_step, 2),
         "loss_chunk": p.loss_chunk,
         "loss_fused": p.loss_fused,
+        "dropout_rng": p.dropout_rng,
         "grad_checkpointing": p.grad_checkpointing,
         "attn_implementation": attn_implementation(peft_model),
         "heap_mmap_threshold": p.heap_mmap_threshold,
@@ -540,6 +541,12 @@ def main(argv: list[str] | None = None) -> int:
         help="train.loss_fused (a frozen head's chunk gradients taken in the forward pass)",
     )
     ap.add_argument(
+        "--dropout-rng",
+        choices=("torch", "packed"),
+        default=d.dropout_rng,
+        help="train.dropout_rng (how LoRA dropout masks are drawn on CPU)",
+    )
+    ap.add_argument(
         "--grad-checkpointing",
         action=argparse.BooleanOptionalAction,
         default=d.grad_checkpointing,
@@ -559,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         "against it), loss_only (the --loss-chunk loss, no checkpointing), ckpt_only "
         "(checkpointing, stock loss), bounded_heap (heap_mmap_threshold 131072), glibc_heap "
         "(heap_mmap_threshold 0: glibc's dynamic threshold), unfused (loss_fused false: every "
-        "loss chunk recomputed in the backward pass)",
+        "loss chunk recomputed in the backward pass), packed_dropout / torch_dropout "
+        "(train.dropout_rng)",
     )
     ap.add_argument("--compare-stock", action="store_true", help="the same as --also stock")
     ap.add_argument(
@@ -652,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {
         "loss_chunk": a.loss_chunk,
         "loss_fused": a.loss_fused,
+        "dropout_rng": a.dropout_rng,
         "grad_checkpointing": a.grad_checkpointing,
         "attn_implementation": a.attn_implementation,
         "heap_mmap_threshold": a.heap_mmap_threshold,
@@ -661,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         "bounded_heap": {"heap_mmap_threshold": 131072},
         "glibc_heap": {"heap_mmap_threshold": 0},
         "unfused": {"loss_fused": False},
+        "packed_dropout": {"dropout_rng": "packed"},
+        "torch_dropout": {"dropout_rng": "torch"},
         "loss_only": {"loss_chunk": a.loss_chunk or 256, "grad_checkpointing": False},
         "ckpt_only": {"loss_chunk": 0, "grad_checkpointing": True},
     }

@@ -459,6 +459,13 @@ class TrainParams(EngineParams):
         "evaluate stage).",
     )
     weight_decay: float = Field(0.0, ge=0)
+    dropout_rng: Literal["torch", "packed"] = Field(
+        "packed",
+        description="LoRA dropout masks on CPU: packed (four 16-bit uniforms per 64-bit draw, "
+        "a 1-byte mask kept for the backward pass; loram.train.PackedDropout: the same keep "
+        "rate and expectation, other masks) or torch (nn.Dropout: one draw per element, a "
+        "4-byte mask kept). GPUs always use torch's.",
+    )
     quantize: Literal["none", "nf4"] = Field("none", description="nf4: QLoRAM (NF4 base).")
     packing: bool = Field(
         False,

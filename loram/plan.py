@@ -89,6 +89,9 @@ class Setting:
     targets: tuple[str, ...] = LINEAR_PROJ
     lm_head: bool = False
     dropout: float = 0.05
+    # CPU dropout masks: torch's nn.Dropout keeps fp32 noise, loram's packed dropout a bool mask
+    # (train.dropout_rng); CUDA's dropout keeps a bool mask either way
+    dropout_rng: str = "torch"
     micro_batch: int = 4
     seq_len: int = 512
     grad_accum: int = 1
@@ -137,6 +140,8 @@ class Setting:
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout = {self.dropout} must be in [0, 1)")
+        if self.dropout_rng not in ("torch", "packed"):
+            raise ValueError(f"unknown dropout_rng {self.dropout_rng!r}; expected torch or packed")
 
     @property
     def lora_bytes(self) -> int:
@@ -240,7 +245,8 @@ def layer_saved(d: LayerDims, s: Setting, seq: int, rg_in: bool) -> tuple[dict[s
     """
     e = COMPUTE[s.precision]
     f = s.lora_bytes
-    noise = 1 if s.device == "cuda" else f  # dropout: bool mask on CUDA, noise in f on CPU
+    # dropout: a bool mask on CUDA and with packed masks, noise in f with torch's on CPU
+    noise = 1 if s.device == "cuda" or s.dropout_rng == "packed" else f
     tg = set(s.targets)
     out = {"norms": 0, "attention": 0, "mlp": 0, "lora_inputs": 0}
     shared: set[str] = set()  # fp32 tensors already counted (no-dropout fp32 LoRA inputs)
@@ -641,6 +647,7 @@ def run(args: argparse.Namespace) -> int:
         targets=targets,
         lm_head=args.lm_head,
         dropout=args.dropout,
+        dropout_rng=args.dropout_rng,
         micro_batch=args.micro_batch,
         seq_len=args.seq_len,
         grad_accum=args.grad_accum,
@@ -730,6 +737,9 @@ def add_parser(subparsers) -> None:
                    help=f"LoRA targets (default: {','.join(LINEAR_PROJ)})")  # fmt: skip
     p.add_argument("--lm-head", action="store_true", help="LoRA on lm_head too (the paper's)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--dropout-rng", choices=("packed", "torch"), default="packed",
+                   help="CPU dropout masks as train.dropout_rng draws them (packed: a 1-byte mask "
+                   "kept, loram's default; torch: nn.Dropout's fp32 noise)")  # fmt: skip
     p.add_argument("--lora-dtype", type=str.lower, choices=tuple(COMPUTE), default="fp32",
                    help="dtype the LoRA branch computes in (fp32: loram; bf16: the paper's code, "
                    "HF Trainer with bf16 autocast)")  # fmt: skip

@@ -194,6 +194,57 @@ def grad_checkpointing_on(model) -> bool:
     return False
 
 
+class PackedDropout(torch.nn.Module):
+    """Inverted dropout whose keep-mask takes four elements from each 64-bit random draw.
+
+    torch's CPU dropout draws one random number per element (``bernoulli_``: 16-20 ms for a
+    2,048 x 576 input on 2 AVX2 cores, 13% of a LoRA training step of SmolLM2 with dropout on
+    all seven projections, README "Training cost") and keeps its mask for the backward pass as
+    a float tensor (4 bytes per element; CUDA's fused kernel keeps 1). Here each draw is split
+    into four uniform 16-bit integers and an element is kept when its integer is below
+    ``round((1 - p) 2^16)``; the mask kept is a bool tensor (1 byte per element). The
+    keep rate is that fraction (within 2^-17 of ``1 - p``) and the kept values are scaled
+    by its inverse, so the output's expectation is the input exactly. The draws come from
+    torch's global generator, as ``nn.Dropout``'s do: a seeded run repeats, and checkpointed
+    recomputation (which restores the RNG state) draws the same masks. Off the CPU it is
+    torch's dropout (the GPU generator is fast)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+        self.keep = round((1.0 - self.p) * 65536)  # kept when a uniform in [0, 65536) < keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, keep={self.keep}/65536"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, True)
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        uniform = words.view(torch.int16)[:n].view(x.shape)  # signed: [-32768, 32767]
+        kept = uniform < self.keep - 32768
+        # mul by a bool mask: autograd keeps the 1-byte mask, as native dropout does
+        return x.mul(kept).mul_(65536.0 / self.keep)
+
+
+def use_packed_dropout(model) -> int:
+    """Replace every LoRA dropout (peft ``lora_dropout`` entries that are ``nn.Dropout``) by
+    :class:`PackedDropout` of the same rate; returns how many were replaced."""
+    n = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict):
+            continue
+        for name, d in list(drops.items()):
+            if isinstance(d, torch.nn.Dropout) and d.p > 0:
+                drops[name] = PackedDropout(d.p)
+                n += 1
+    return n
+
+
 def prepare_lora_model(model, p: TrainParams, device: str):
     """Quantize (``p.quantize``), freeze, wrap with peft LoRA and apply :func:`setup_training`:
     the model LoRA training (and the training-cost benchmark) runs."""
@@ -220,6 +271,8 @@ def prepare_lora_model(model, p: TrainParams, device: str):
         for prm in peft_model.parameters():
             if prm.requires_grad and prm.dtype != torch.float32:
                 prm.data = prm.data.float()
+    if p.dropout_rng == "packed":
+        use_packed_dropout(peft_model)
     setup_training(peft_model, p)
     return peft_model
 

@@ -122,6 +122,27 @@ def test_activations_of_a_really_pruned_model(arch, prec):
     assert planned.weights < dense.weights
 
 
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_activations_with_packed_dropout_masks(arch):
+    """train.dropout_rng packed keeps a bool mask per dropout: the planner's dropout_rng."""
+    from loram.train import use_packed_dropout
+
+    model = TINY[arch](layers=3)
+    model.config._attn_implementation = "sdpa"
+    pm = lora_model(model, DTYPES["fp32"], LINEAR_PROJ, False, 0.05)
+    assert use_packed_dropout(pm) > 0
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    kw = dict(precision="fp32", r=4, micro_batch=2, seq_len=16, device="cpu")
+    packed = P.plan(TINY[arch](layers=3).config, P.Setting(dropout_rng="packed", **kw))
+    assert packed.activations == saved_bytes(pm, ids)
+    torch_masks = P.plan(TINY[arch](layers=3).config, P.Setting(**kw))
+    assert packed.activations < torch_masks.activations
+    with pytest.raises(ValueError, match="dropout_rng"):
+        P.plan(TINY[arch](layers=3).config, P.Setting(dropout_rng="fast", **kw))
+
+
 def test_cuda_dropout_keeps_a_byte_mask():
     cfg = tiny_llama().config
     cpu = P.plan(cfg, P.Setting(device="cpu"))

@@ -601,3 +601,80 @@ def test_heap_mmap_threshold_maps_activation_sized_tensors():
     fixed, dynamic = probe(131072), probe(0)
     assert fixed["applied"] and fixed["mapped"] >= 4 << 20
     assert not dynamic["applied"] and dynamic["mapped"] == 0
+
+
+# ---------------------------------------------------------------------- train.dropout_rng
+
+
+def _keep_bounds(n: int, q: float) -> tuple[float, float]:
+    """Six binomial standard deviations around the keep rate ``q`` of ``n`` elements (the
+    tests are seeded, so this only has to hold for the seeds used)."""
+    sd = (q * (1 - q) / n) ** 0.5
+    return q - 6 * sd, q + 6 * sd
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_packed_dropout_keeps_each_lane_at_the_rate_and_is_unbiased(p):
+    """Every element of every 16-bit lane of a draw is kept at round((1-p) 2^16) / 2^16, kept
+    values are scaled by its inverse (exact expectation) and dropped ones are 0."""
+    from loram.train import PackedDropout
+
+    d = PackedDropout(p).train()
+    q = d.keep / 65536
+    assert abs(q - (1 - p)) <= 2**-17
+    x = torch.rand(1001, 400) + 0.5  # no zeros: kept <=> nonzero; odd size: a partial last draw
+    torch.manual_seed(0)
+    y = d(x)
+    kept = y != 0
+    assert torch.equal(y[kept], x[kept] * (65536.0 / d.keep))
+    flat = kept.flatten()
+    for lane in range(4):  # the four 16-bit parts of each 64-bit draw
+        part = flat[lane::4]
+        lo, hi = _keep_bounds(part.numel(), q)
+        assert lo <= part.float().mean() <= hi, lane
+    torch.manual_seed(0)
+    assert torch.equal(d(x), y)  # the global generator: seeded runs repeat
+    assert not torch.equal(d(x), y)  # and the next draw differs
+    assert torch.equal(d.eval()(x), x)
+
+
+def test_packed_dropout_gradient_is_the_mask_and_replays_under_checkpoint():
+    from torch.utils.checkpoint import checkpoint
+
+    from loram.train import PackedDropout
+
+    d = PackedDropout(0.3).train()
+    lin = torch.nn.Linear(16, 8).double()
+    x = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
+
+    def f(t):
+        return lin(d(t)).square().sum()
+
+    torch.manual_seed(3)
+    f(x).backward()
+    ref = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(3)
+    checkpoint(f, x, use_reentrant=False).backward()  # recomputed forward: same mask
+    assert torch.equal(x.grad, ref)
+    torch.manual_seed(3)
+    mask = d(torch.ones(64, 16, dtype=torch.float64)) != 0
+    x.grad = None
+    y = d.eval()(x)
+    assert torch.equal(y, x)
+    d.train()
+    torch.manual_seed(3)
+    d(x).sum().backward()
+    assert torch.equal(x.grad, mask.double() * (65536.0 / d.keep))
+
+
+def test_dropout_rng_packed_replaces_every_lora_dropout():
+    from loram.train import PackedDropout, prepare_lora_model
+
+    for rng, cls in (("torch", torch.nn.Dropout), ("packed", PackedDropout)):
+        p = TrainParams(r=4, alpha=8, dropout=0.1, dropout_rng=rng)
+        pm = prepare_lora_model(tiny_llama(), p, "cpu")
+        drops = [
+            d for m in pm.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()
+        ]
+        assert drops and all(type(d) is cls and d.p == 0.1 for d in drops)

@@ -228,7 +228,7 @@ def _train(
     # The chunked loss runs as the model's forward, through the engine's wrapper (DDP, FSDP2):
     # every process and every sharding uses it (loram.loss.batch_loss).
     chunk = cfg.loss_chunk
-    fused = getattr(cfg, "loss_fused", True)
+    fused = cfg.loss_fused  # (EngineParams: alignment and LoRA training both have it)
     tokens_per_step = None
     bar = tqdm(
         total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,

@@ -321,6 +321,10 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
             after_step=lambda: stamps.append(time.perf_counter()),
             desc=arm,
         )
+    from loram import block_cache
+
+    cache_on = block_cache.installed() if p.block_cache and p.heap_mmap_threshold else False
+    cache_stats = block_cache.stats() if cache_on else None
     steps_s = [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
     # The first step warms up; the last one also writes the final checkpoint.
     timed = steps_s[1:-1] if len(steps_s) > 2 else steps_s
@@ -372,6 +376,8 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
         "grad_checkpointing": p.grad_checkpointing,
         "attn_implementation": attn_implementation(peft_model),
         "heap_mmap_threshold": p.heap_mmap_threshold,
+        "block_cache": cache_on,
+        "block_cache_stats": cache_stats,
         "steps": steps,
         "micro_batch": micro,
         "seq_len": seq_len,
@@ -564,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated settings to run every arm with as well, in the same run: stock "
         "(full-logits loss, no checkpointing, glibc's heap: each arm's memory is also reported "
         "against it), loss_only (the --loss-chunk loss, no checkpointing), ckpt_only "
-        "(checkpointing, stock loss), bounded_heap (heap_mmap_threshold 131072), glibc_heap "
+        "(checkpointing, stock loss), bounded_heap (heap_mmap_threshold 131072 without the block "
+        "cache), block_cache (heap_mmap_threshold 131072 with it), glibc_heap "
         "(heap_mmap_threshold 0: glibc's dynamic threshold), unfused (loss_fused false: every "
         "loss chunk recomputed in the backward pass), packed_dropout / torch_dropout "
         "(train.dropout_rng)",
@@ -587,6 +594,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="BYTES",
         help="train.heap_mmap_threshold (CPU, glibc: tensors of at least BYTES are mapped and "
         "returned to the system when freed; 0: glibc's dynamic threshold)",
+    )
+    ap.add_argument(
+        "--block-cache",
+        action=argparse.BooleanOptionalAction,
+        default=d.block_cache,
+        help="train.block_cache (CPU: tensors of at least --heap-mmap-threshold bytes come from "
+        "loram's block cache, which reuses freed blocks instead of faulting fresh pages in)",
     )
     ap.add_argument(
         "--stages",
@@ -664,10 +678,12 @@ def main(argv: list[str] | None = None) -> int:
         "grad_checkpointing": a.grad_checkpointing,
         "attn_implementation": a.attn_implementation,
         "heap_mmap_threshold": a.heap_mmap_threshold,
+        "block_cache": a.block_cache,
     }
     presets = {
         "stock": {"loss_chunk": 0, "grad_checkpointing": False, "heap_mmap_threshold": 0},
-        "bounded_heap": {"heap_mmap_threshold": 131072},
+        "bounded_heap": {"heap_mmap_threshold": 131072, "block_cache": False},
+        "block_cache": {"heap_mmap_threshold": 131072, "block_cache": True},
         "glibc_heap": {"heap_mmap_threshold": 0},
         "unfused": {"loss_fused": False},
         "packed_dropout": {"dropout_rng": "packed"},

@@ -377,6 +377,14 @@ _HEAP = (
     "to the system when freed, so the resident memory follows the live tensors (0: glibc's "
     "dynamic threshold, which rises to 32 MiB and keeps freed activations in the heap)."
 )
+_BLOCK_CACHE = (
+    "CPU: tensors of at least heap_mmap_threshold bytes come from loram's block cache (a torch "
+    "CPU allocator that keeps freed blocks for the next tensor of their size class and unmaps "
+    "idle blocks before it maps new ones): the resident memory of the bounded heap without a "
+    "page fault per fresh tensor page. Compiled once per torch version (C++ compiler); where it "
+    "cannot be built, a warning and the bounded heap alone. No effect with heap_mmap_threshold "
+    "0 or on a GPU."
+)
 AttnImplementation = Literal["sdpa", "eager"]
 LOSS_CHUNK_DEFAULT = 256
 # On: glibc's dynamic threshold keeps the freed activations of every step resident (SmolLM2-135M,
@@ -399,6 +407,7 @@ class EngineParams(_Params):
     grad_checkpointing: bool = Field(GRAD_CKPT_DEFAULT, description=_GRAD_CKPT)
     attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
     heap_mmap_threshold: int = Field(HEAP_MMAP_THRESHOLD_DEFAULT, ge=0, description=_HEAP)
+    block_cache: bool = Field(True, description=_BLOCK_CACHE)
 
 
 class AlignParams(EngineParams):

@@ -141,13 +141,29 @@ def attn_implementation(model) -> str:
     return str(base.config._attn_implementation)
 
 
-def bound_training_heap(p: TrainParams | AlignParams) -> bool:
-    """Fix glibc's mmap threshold at ``p.heap_mmap_threshold`` bytes for the rest of the
-    process (:func:`loram.shards.bound_heap`); 0 leaves glibc's dynamic threshold. The training
-    stages call it before they load the model, and :func:`setup_training` again (idempotent)."""
+def bound_training_heap(p: TrainParams | AlignParams, device: str | None = None) -> bool:
+    """The CPU memory options of a training stage, for the rest of the process: glibc's mmap
+    threshold fixed at ``p.heap_mmap_threshold`` bytes (:func:`loram.shards.bound_heap`; 0
+    leaves glibc's dynamic threshold and everything else alone) and, with ``p.block_cache``
+    on a CPU ``device`` (default: :func:`loram.models.default_device`), loram's block cache
+    (:mod:`loram.block_cache`) as torch's CPU allocator for tensors of that size and more. The
+    training stages call it before they load the model, and :func:`setup_training` again
+    (idempotent). Returns whether the threshold was applied."""
     from loram.shards import bound_heap
 
-    return bool(p.heap_mmap_threshold) and bound_heap(p.heap_mmap_threshold)
+    if not p.heap_mmap_threshold:
+        return False
+    applied = bound_heap(p.heap_mmap_threshold)
+    if p.block_cache:
+        if device is None:
+            from loram.models import default_device
+
+            device = default_device()
+        if device == "cpu":
+            from loram import block_cache
+
+            block_cache.install(p.heap_mmap_threshold)
+    return applied
 
 
 def setup_training(model, p: TrainParams | AlignParams) -> None:
@@ -163,13 +179,14 @@ def setup_training(model, p: TrainParams | AlignParams) -> None:
     Nothing is written to the model's config (an aligned model saved after this generates with
     its KV cache as before); the loss passes ``use_cache=False`` itself.
 
-    * ``heap_mmap_threshold``: glibc's mmap threshold fixed for the rest of the process
-      (:func:`loram.shards.bound_heap`; 0 leaves glibc's dynamic one), so activations freed by
-      the backward pass go back to the system instead of staying in the heap's resident memory.
+    * ``heap_mmap_threshold`` and ``block_cache``: see :func:`bound_training_heap`. Activations
+      freed by the backward pass do not stay in glibc's heap, and on CPU the block cache hands
+      their blocks to the next step's tensors instead of faulting fresh pages in.
 
     The loss (``loss_chunk``) is chosen per call in :func:`loram.loss.batch_loss`.
     """
-    bound_training_heap(p)
+    first = next(model.parameters(), None)
+    bound_training_heap(p, first.device.type if first is not None else None)
     set_attn_implementation(model, p.attn_implementation)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kwargs = {"use_reentrant": False}

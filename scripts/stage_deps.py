@@ -4,7 +4,8 @@
 For every stage, the scripts its ``cmd`` runs (``stages/NAME.py``) and the transitive closure
 of the ``loram`` modules they import (every ``import`` statement, including the ones inside
 functions, and the packages' ``__init__.py``) plus the package data files next to an imported
-module (task configs, JSON configs) are the stage's code. A directory is written instead of
+module (task configs, JSON configs) and the C++ source a module compiles (``csrc/NAME.cpp``
+beside ``NAME.py``) are the stage's code. A directory is written instead of
 its files when every file under it is in the set.
 
     python scripts/stage_deps.py            # check: exit 1 and list the differences
@@ -79,7 +80,8 @@ def imports_of(path: Path, root: Path = ROOT) -> set[str]:
 
 
 def closure(scripts: Iterable[Path], root: Path = ROOT) -> set[Path]:
-    """The scripts, every ``loram`` file they reach by imports, and those packages' data files."""
+    """The scripts, every ``loram`` file they reach by imports, those packages' data files and
+    the C++ sources the modules build (``csrc/NAME.cpp`` beside ``NAME.py``)."""
     files: set[Path] = set()
     todo = [Path(s) for s in scripts]
     seen: set[str] = set()
@@ -97,6 +99,9 @@ def closure(scripts: Iterable[Path], root: Path = ROOT) -> set[Path]:
             for data in f.parent.iterdir():
                 if data.is_file() and data.suffix in DATA_SUFFIXES:
                     files.add(data)
+            native = f.parent / "csrc" / f"{f.stem}.cpp"
+            if native.is_file():
+                files.add(native)
     return files
 
 

@@ -101,6 +101,23 @@ def test_closure_follows_every_import_form(tmp_path):
     ]
 
 
+def test_closure_includes_the_cpp_source_a_module_builds(tmp_path):
+    root = tmp_path / "r"
+    pkg = root / "loram"
+    (pkg / "csrc").mkdir(parents=True)
+    (root / "stages").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "native.py").write_text("")
+    (pkg / "csrc" / "native.cpp").write_text("// built by native.py\n")
+    (pkg / "csrc" / "other.cpp").write_text("// nobody imports other.py\n")
+    (root / "stages" / "s.py").write_text("import loram.native\n")
+    (root / "stages" / "t.py").write_text("import loram\n")
+    rel = sorted(str(p.relative_to(root)) for p in sd.closure([root / "stages" / "s.py"], root))
+    assert rel == ["loram/__init__.py", "loram/csrc/native.cpp", "loram/native.py", "stages/s.py"]
+    rel = sorted(str(p.relative_to(root)) for p in sd.closure([root / "stages" / "t.py"], root))
+    assert rel == ["loram/__init__.py", "stages/t.py"]
+
+
 # Layers, bottom to top: a module may import its own layer or lower ones, never higher.
 LAYERS = [
     ("loram", "loram.errors", "loram.fsio", "loram.benchmarks", "loram.tiny"),
@@ -110,6 +127,7 @@ LAYERS = [
         "loram.install",
         "loram.convert",
         "loram.shards",
+        "loram.block_cache",
         "loram.data",
         "loram.loss",
         "loram.quant",

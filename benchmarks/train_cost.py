@@ -250,6 +250,37 @@ def step_flops(model, micro: int, seq_len: int, labelled: float, p) -> dict:
     return {**parts, "total": sum(parts.values())}
 
 
+_MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm"}
+
+
+def _kernel_seconds(model, batch: dict, device: str, p) -> dict:
+    """One more forward + backward of ``batch`` under ``torch.profiler`` (CPU), its time split
+    into matrix products, attention kernels and everything else (elementwise passes, copies,
+    dequantization, autograd and allocator overhead), as self CPU seconds of the ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loram.loss import batch_loss
+
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss, _ = batch_loss(model, batch, device, p.loss_chunk, fused=p.loss_fused)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        name = e.key
+        if name in _MATMUL_OPS:
+            part = "matmul"
+        elif "scaled_dot_product" in name or "flash_attention" in name:
+            part = "attention"
+        else:
+            part = "other"
+        parts[part] += e.self_cpu_time_total / 1e6
+    out = {k: round(v, 3) for k, v in parts.items()}
+    out["total"] = round(sum(parts.values()), 3)
+    return out
+
+
 def _import_libraries() -> None:
     """Import everything an arm's training imports (peft, bitsandbytes, the model classes), so
     that the RSS of library code is in every arm's pre-load RSS rather than in some arms' peaks
@@ -264,7 +295,9 @@ def _import_libraries() -> None:
             pass
 
 
-def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: dict) -> dict:
+def run_arm(
+    arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: dict, kernels: bool = False
+) -> dict:
     import torch
 
     from loram.config import TrainParams
@@ -334,6 +367,10 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
         if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     )
+    # after the peak is read: the profiler's own memory is not the arm's
+    split = None
+    if kernels and not cuda:
+        split = _kernel_seconds(peft_model, collate(blocks[:micro], pad), device, p)
     labelled = sum(sum(1 for v in b["labels"][1:] if v != -100) for b in blocks) / steps
     flops = step_flops(peft_model, micro, seq_len, labelled, p)
     cfg = peft_model.get_base_model().config
@@ -370,6 +407,7 @@ def run_arm(arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: di
         "gflop_per_step": round(flops["total"] / 1e9, 1),
         "gflop_per_step_parts": {k: round(v / 1e9, 1) for k, v in flops.items() if k != "total"},
         "gflop_per_second": round(flops["total"] / 1e9 / per_step, 2),
+        "kernel_seconds": split,
         "loss_chunk": p.loss_chunk,
         "loss_fused": p.loss_fused,
         "dropout_rng": p.dropout_rng,
@@ -440,6 +478,21 @@ TARGETS = (
 ABSOLUTE = 0.70  # every arm's peak at most 70% of the same arm's with the stock settings
 
 
+def _merge_runs(runs: list[dict]) -> dict:
+    """One row from repeated runs of an arm (interleaved with the other arms' runs, so a slow
+    spell of the machine falls on several arms): the run with the median s/step (the lower
+    median of an even count), every run's s/step and peak kept beside it, and the first run's
+    kernel split."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["seconds_per_step"])
+    row = dict(runs[order[(len(runs) - 1) // 2]])
+    row["kernel_seconds"] = runs[0].get("kernel_seconds")
+    if len(runs) > 1:
+        row["runs"] = len(runs)
+        row["seconds_per_step_runs"] = [r["seconds_per_step"] for r in runs]
+        row["peak_mib_runs"] = [r["peak_mib"] for r in runs]
+    return row
+
+
 def _table(rows: list[dict]) -> str:
     head = (
         f"{'arm':<20} {'params held':>13} {'param MiB':>10} {'peak MiB':>9} {'x mem':>6} "
@@ -463,6 +516,23 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         b = r["breakdown_mib"]
         lines.append(f"{r['label']:<20} " + " ".join(f"{b[k]:>15,.1f}" for k in keys))
+    timed = [r for r in rows if r.get("kernel_seconds")]
+    if timed:
+        keys = ("matmul", "attention", "other", "total")
+        head3 = (
+            f"{'profiled step (s)':<20} "
+            + " ".join(f"{k:>10}" for k in keys)
+            + f" {'other %':>8} {'x mm+attn':>10}"
+        )
+        lines += ["", head3, "-" * len(head3)]
+        for r in timed:
+            k = r["kernel_seconds"]
+            lines.append(
+                f"{r['label']:<20} "
+                + " ".join(f"{k[x]:>10.2f}" for x in keys)
+                + f" {100 * k['other'] / k['total']:>7.1f}%"
+                + f" {r.get('kernel_bound_vs_lora_full', float('nan')):>10.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -479,6 +549,13 @@ def _ratios(rows: list[dict]) -> None:
             if "flops_per_step" in r and "flops_per_step" in ref:
                 # the speed the matrix products allow: lora_full's FLOPs over this arm's
                 r["flop_bound_vs_lora_full"] = round(ref["flops_per_step"] / r["flops_per_step"], 4)
+            mine, theirs = r.get("kernel_seconds"), ref.get("kernel_seconds")
+            if mine and theirs:
+                # the speed the matrix products and attention allow at the rate they ran here
+                r["kernel_bound_vs_lora_full"] = round(
+                    (theirs["matmul"] + theirs["attention"]) / (mine["matmul"] + mine["attention"]),
+                    4,
+                )
         stock = by.get(r["arm"] + "@stock")
         if stock and stock is not r:
             r["memory_vs_stock"] = round(r["peak_mib"] / stock["peak_mib"], 4)
@@ -497,6 +574,8 @@ def _targets(rows: list[dict]) -> list[dict]:
         t = {"target": label, "value": v, "holds": v <= bound if op == "<=" else v >= bound}
         if qty == "speed" and "flop_bound_vs_lora_full" in r:
             t["flop_bound"] = r["flop_bound_vs_lora_full"]
+        if qty == "speed" and "kernel_bound_vs_lora_full" in r:
+            t["kernel_bound"] = r["kernel_bound_vs_lora_full"]
         out.append(t)
     for r in rows:
         if "memory_vs_stock" in r and r["label"] == r["arm"]:
@@ -537,6 +616,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every arm N times, interleaved (all arms, then all again): each arm's row is "
+        "its run with the median s/step, and the JSON keeps every run's s/step and peak",
+    )
     ap.add_argument(
         "--loss-chunk", type=int, default=d.loss_chunk, help="train.loss_chunk (0: stock loss)"
     )
@@ -596,6 +683,14 @@ def main(argv: list[str] | None = None) -> int:
         "returned to the system when freed; 0: glibc's dynamic threshold)",
     )
     ap.add_argument(
+        "--kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU: profile one more forward + backward per arm (after its peak is read) and "
+        "split its time into matrix products, attention and the rest; the speed the first two "
+        "allow is printed beside the FLOP bound",
+    )
+    ap.add_argument(
         "--block-cache",
         action=argparse.BooleanOptionalAction,
         default=d.block_cache,
@@ -619,7 +714,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.child:
         opts = json.loads(a.opts)
-        res = run_arm(a.child, Path(a.work), a.steps, a.micro_batch, a.seq_len, opts)
+        res = run_arm(
+            a.child, Path(a.work), a.steps, a.micro_batch, a.seq_len, opts, kernels=a.kernels
+        )
         # also kept under --work: an interrupted run still leaves the arms it measured
         from loram.fsio import atomic_write_json
 
@@ -661,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("arm lora_small needs --small-model")
     if a.loss_chunk < 0:
         ap.error(f"--loss-chunk must be >= 0, got {a.loss_chunk}")
+    if a.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {a.repeat}")
     tmp = None if a.work else tempfile.TemporaryDirectory(prefix="loram-bench-")
     work = Path(a.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -699,20 +798,27 @@ def main(argv: list[str] | None = None) -> int:
         (f"@{name}", {**chosen, **presets[name]}) for name in dict.fromkeys(also)
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # params decide
-    rows = []
-    for suffix, opts in settings:
-        for arm in arms:
-            print(f"arm {arm}{suffix} {opts} ...", flush=True)
-            out = subprocess.run(
-                [*me, "--child", arm, *common, "--steps", str(a.steps), "--micro-batch",
-                 str(a.micro_batch), "--seq-len", str(a.seq_len), "--opts", json.dumps(opts)],
-                capture_output=True, text=True, env=env,
-            )  # fmt: skip
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr[-4000:])
-                raise SystemExit(f"arm {arm}{suffix} failed (exit {out.returncode})")
-            line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
-            rows.append({**json.loads(line[len("RESULT ") :]), "label": arm + suffix})
+    runs: dict[str, list[dict]] = {}
+    for rep in range(a.repeat):
+        for suffix, opts in settings:
+            for arm in arms:
+                label = arm + suffix
+                tag = f" (run {rep + 1} of {a.repeat})" if a.repeat > 1 else ""
+                print(f"arm {label}{tag} {opts} ...", flush=True)
+                # the kernel split is profiled once per arm, in its first run
+                prof = ["--kernels" if a.kernels and rep == 0 else "--no-kernels"]
+                out = subprocess.run(
+                    [*me, "--child", arm, *common, *prof, "--steps", str(a.steps),
+                     "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len),
+                     "--opts", json.dumps(opts)],
+                    capture_output=True, text=True, env=env,
+                )  # fmt: skip
+                if out.returncode != 0:
+                    sys.stderr.write(out.stderr[-4000:])
+                    raise SystemExit(f"arm {label} failed (exit {out.returncode})")
+                line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+                runs.setdefault(label, []).append(json.loads(line[len("RESULT ") :]))
+    rows = [{**_merge_runs(rs), "label": label} for label, rs in runs.items()]
     _ratios(rows)
     targets = _targets(rows)
     import platform
@@ -727,10 +833,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{a.model} ({weights}), ratio {a.ratio}, micro-batch {a.micro_batch} x {a.seq_len} "
           f"tokens, {a.steps} steps; {stamp}; {machine}; options {chosen}")  # fmt: skip
     print(_table(rows))
+    spread = [r for r in rows if r.get("runs")]
+    if spread:
+        print()
+        for r in spread:
+            secs = ", ".join(f"{x:.2f}" for x in r["seconds_per_step_runs"])
+            peaks = ", ".join(f"{x:,.1f}" for x in r["peak_mib_runs"])
+            print(f"{r['label']:<20} s/step over {r['runs']} runs: {secs}; peak MiB: {peaks}")
     if targets:
         print()
         for t in targets:
-            bound = f" (the FLOPs allow {t['flop_bound']:.3f})" if "flop_bound" in t else ""
+            bound = f" (the FLOPs allow {t['flop_bound']:.3f}" if "flop_bound" in t else ""
+            if "kernel_bound" in t:
+                bound += (
+                    f"; its matrix products and attention, at the rate they ran, allow "
+                    f"{t['kernel_bound']:.3f}"
+                )
+            bound += ")" if bound else ""
             print(f"{'HOLDS' if t['holds'] else 'MISSES'}  {t['target']}: {t['value']:.3f}{bound}")
     if a.out:
         from loram.fsio import atomic_write_json

@@ -105,6 +105,54 @@ def test_analytic_floor_counts_weights_state_and_one_chunk():
     assert stock["loss_transient"] == 3 * 64 * cfg.vocab_size * 4 and stock["layer_inputs"] == 0
 
 
+def test_kernel_seconds_split_the_profiled_step():
+    """The profiled forward + backward is split into matrix products, attention and the rest;
+    with LoRA dropout off and the eager attention, the tiny model's step still has all three."""
+    vocab = 256
+    model, p = _lora(vocab, loss_chunk=8, dropout=0.0)
+    ks = train_cost._kernel_seconds(model, _batch(vocab), "cpu", p)
+    assert set(ks) == {"matmul", "attention", "other", "total"}
+    assert ks["matmul"] > 0 and ks["attention"] > 0 and ks["other"] > 0
+    assert abs(ks["total"] - (ks["matmul"] + ks["attention"] + ks["other"])) <= 0.0015
+    assert all(q.grad is None for q in model.parameters())  # nothing left behind
+
+
+def test_kernel_bound_is_the_ratio_of_matmul_and_attention_time():
+    def row(label, mm, attn, other):
+        return {"label": label, "arm": label, "peak_mib": 1.0, "samples_per_second": 1.0,
+                "floor_mib": 1.0, "kernel_seconds": {"matmul": mm, "attention": attn,
+                                                     "other": other, "total": mm + attn + other}}  # fmt: skip
+
+    rows = [row("lora_full", 12.0, 3.0, 5.0), row("loram_stru", 8.0, 2.0, 4.0)]
+    train_cost._ratios(rows)
+    assert rows[1]["kernel_bound_vs_lora_full"] == 1.5  # (12 + 3) / (8 + 2); "other" is not in it
+    assert rows[0]["kernel_bound_vs_lora_full"] == 1.0
+    speed = [t for t in train_cost._targets(rows) if t["target"].startswith("throughput")]
+    assert speed and speed[0]["kernel_bound"] == 1.5
+    assert "x mm+attn" in train_cost._table(
+        [{**r, "params_held": 1, "param_bytes": 1, "seconds_per_step": 1.0, "peak_vs_floor": 1.0,
+          "breakdown_mib": dict.fromkeys(("weights", "trainable_state", "activations",
+                                          "logits_loss", "runtime"), 0.0)} for r in rows]
+    )  # fmt: skip
+
+
+def test_repeated_runs_keep_the_median_run_and_every_runs_figures():
+    def run(sec, peak, split=None):
+        return {"seconds_per_step": sec, "peak_mib": peak, "kernel_seconds": split}
+
+    row = train_cost._merge_runs(
+        [run(20.0, 10.0, {"matmul": 1.0}), run(18.0, 11.0), run(25.0, 12.0)]
+    )
+    assert row["seconds_per_step"] == 20.0 and row["peak_mib"] == 10.0  # the median run's
+    assert row["seconds_per_step_runs"] == [20.0, 18.0, 25.0] and row["runs"] == 3
+    assert row["peak_mib_runs"] == [10.0, 11.0, 12.0]
+    assert row["kernel_seconds"] == {"matmul": 1.0}  # profiled in the first run only
+    two = train_cost._merge_runs([run(20.0, 10.0), run(18.0, 11.0)])
+    assert two["seconds_per_step"] == 18.0  # the lower median of an even count
+    one = train_cost._merge_runs([run(20.0, 10.0)])
+    assert "runs" not in one and one["seconds_per_step"] == 20.0
+
+
 def test_ratios_and_targets():
     def row(label, peak, sps):
         return {"label": label, "arm": label.split("@")[0], "peak_mib": peak,
@@ -154,6 +202,9 @@ def test_train_cost_benchmark_on_tiny_model(tmp_path):
         assert b["logits_loss"] == 0.0  # chunked: no saved full logits
         assert b["weights"] == round(r["param_bytes"] / 2**20, 1)
         assert r["floor_mib"] > b["weights"]
+        assert r["kernel_seconds"]["matmul"] > 0  # --kernels is on by default
+        assert r["block_cache"] is True and r["block_cache_stats"] is not None  # CPU default
+    assert stru["kernel_bound_vs_lora_full"] > 0
     assert res["options"]["loss_chunk"] == 32 and res["targets"]
     assert "lora_full" in stdout and "x mem" in stdout and "breakdown" in stdout
 

@@ -119,6 +119,12 @@ def flush() -> None:
         lib.loram_block_cache_flush()
 
 
+def flush_if_loaded() -> None:
+    """:func:`flush` where the cache is already loaded in this process (never builds it)."""
+    if _library.cache_info().currsize:
+        flush()
+
+
 def stats() -> dict | None:
     """Counters since the process started: hits (a freed block reused), misses (a block mapped),
     unmapped (idle blocks given back), and the bytes of blocks live, idle, and the peak of

@@ -98,9 +98,9 @@ def peak_rss_mib() -> float:
 
 
 def reset_peak_rss() -> bool:
-    """Start a new peak-RSS window: freed heap goes back to the OS (glibc ``malloc_trim``), then
-    the kernel's high-water mark is set to the current RSS (Linux >= 4.0: ``5`` written to
-    ``/proc/self/clear_refs``; ``ru_maxrss`` follows it). False where that is not possible
+    """Start a new peak-RSS window: freed memory goes back to the OS (the block cache's idle
+    blocks, glibc ``malloc_trim``), then the kernel's high-water mark is set to the current RSS
+    (Linux >= 4.0: ``5`` written to ``/proc/self/clear_refs``; ``ru_maxrss`` follows it). False where that is not possible
     (another OS, a kernel that refuses): the peak then stays the whole process's.
 
     Training resets it once the model is loaded, quantized and wrapped, so the training peak
@@ -109,6 +109,9 @@ def reset_peak_rss() -> bool:
     import ctypes
     import ctypes.util
 
+    from loram import block_cache
+
+    block_cache.flush_if_loaded()  # its idle blocks are freed memory too
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)

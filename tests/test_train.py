@@ -568,7 +568,8 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
-applied = bound_training_heap(TrainParams(heap_mmap_threshold=int(sys.argv[1])))
+# block_cache off: glibc's own threshold is what this checks (the cache maps for itself)
+applied = bound_training_heap(TrainParams(heap_mmap_threshold=int(sys.argv[1]), block_cache=False))
 big = torch.empty(16 << 20, dtype=torch.uint8)  # mapped, then freed: glibc's dynamic threshold
 del big                                         # rises to 16 MiB (unless it is fixed)
 before = libc.mallinfo2().hblkhd

@@ -256,15 +256,18 @@ _MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_
 def _kernel_seconds(model, batch: dict, device: str, p) -> dict:
     """One more forward + backward of ``batch`` under ``torch.profiler`` (CPU), its time split
     into matrix products, attention kernels and everything else (elementwise passes, copies,
-    dequantization, autograd and allocator overhead), as self CPU seconds of the ops."""
+    dequantization, autograd and allocator overhead), as self CPU seconds of the ops, and the
+    step's wall time (``wall``; ``wall - total`` is what happened between ops)."""
     from torch.profiler import ProfilerActivity, profile
 
     from loram.loss import batch_loss
 
     model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
         loss, _ = batch_loss(model, batch, device, p.loss_chunk, fused=p.loss_fused)
         loss.backward()
+        wall = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for e in prof.key_averages():
@@ -278,6 +281,9 @@ def _kernel_seconds(model, batch: dict, device: str, p) -> dict:
         parts[part] += e.self_cpu_time_total / 1e6
     out = {k: round(v, 3) for k, v in parts.items()}
     out["total"] = round(sum(parts.values()), 3)
+    # the profiled step's wall time: what no op accounts for (Python and autograd between ops,
+    # the profiler's own cost) is the difference
+    out["wall"] = round(wall, 3)
     return out
 
 
@@ -518,7 +524,7 @@ def _table(rows: list[dict]) -> str:
         lines.append(f"{r['label']:<20} " + " ".join(f"{b[k]:>15,.1f}" for k in keys))
     timed = [r for r in rows if r.get("kernel_seconds")]
     if timed:
-        keys = ("matmul", "attention", "other", "total")
+        keys = ("matmul", "attention", "other", "total", "wall")
         head3 = (
             f"{'profiled step (s)':<20} "
             + " ".join(f"{k:>10}" for k in keys)
@@ -529,7 +535,7 @@ def _table(rows: list[dict]) -> str:
             k = r["kernel_seconds"]
             lines.append(
                 f"{r['label']:<20} "
-                + " ".join(f"{k[x]:>10.2f}" for x in keys)
+                + " ".join(f"{k.get(x, float('nan')):>10.2f}" for x in keys)
                 + f" {100 * k['other'] / k['total']:>7.1f}%"
                 + f" {r.get('kernel_bound_vs_lora_full', float('nan')):>10.3f}"
             )

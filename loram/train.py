@@ -100,8 +100,9 @@ def peak_rss_mib() -> float:
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window: freed memory goes back to the OS (the block cache's idle
     blocks, glibc ``malloc_trim``), then the kernel's high-water mark is set to the current RSS
-    (Linux >= 4.0: ``5`` written to ``/proc/self/clear_refs``; ``ru_maxrss`` follows it). False where that is not possible
-    (another OS, a kernel that refuses): the peak then stays the whole process's.
+    (Linux >= 4.0: ``5`` written to ``/proc/self/clear_refs``; ``ru_maxrss`` follows it). False
+    where that is not possible (another OS, a kernel that refuses): the peak then stays the
+    whole process's.
 
     Training resets it once the model is loaded, quantized and wrapped, so the training peak
     excludes the load transient (a QLoRAM base is read in full precision before it is

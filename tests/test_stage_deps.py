@@ -67,20 +67,29 @@ def test_a_new_import_must_be_declared(tmp_path):
     ]
 
 
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    """Write ``files`` (relative path -> text) under ``root``."""
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
 def test_closure_follows_every_import_form(tmp_path):
-    root = tmp_path / "r"
-    pkg = root / "loram"
-    (pkg / "sub").mkdir(parents=True)
-    (root / "stages").mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "sub" / "__init__.py").write_text("")
-    (pkg / "sub" / "conf.yaml").write_text("a: 1\n")
-    (pkg / "sub" / "a.py").write_text("from . import b\n")
-    (pkg / "sub" / "b.py").write_text("def f():\n    import loram.c\n")
-    (pkg / "c.py").write_text("from loram.sub import d\n")
-    (pkg / "sub" / "d.py").write_text("import json\n")
-    (pkg / "unused.py").write_text("")
-    (root / "stages" / "s.py").write_text("from loram.sub.a import *\n")
+    root = _tree(
+        tmp_path / "r",
+        {
+            "loram/__init__.py": "",
+            "loram/sub/__init__.py": "",
+            "loram/sub/conf.yaml": "a: 1\n",
+            "loram/sub/a.py": "from . import b\n",
+            "loram/sub/b.py": "def f():\n    import loram.c\n",
+            "loram/c.py": "from loram.sub import d\n",
+            "loram/sub/d.py": "import json\n",
+            "loram/unused.py": "",
+            "stages/s.py": "from loram.sub.a import *\n",
+        },
+    )
     files = sd.closure([root / "stages" / "s.py"], root)
     rel = sorted(str(p.relative_to(root)) for p in files)
     assert rel == [
@@ -102,16 +111,17 @@ def test_closure_follows_every_import_form(tmp_path):
 
 
 def test_closure_includes_the_cpp_source_a_module_builds(tmp_path):
-    root = tmp_path / "r"
-    pkg = root / "loram"
-    (pkg / "csrc").mkdir(parents=True)
-    (root / "stages").mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "native.py").write_text("")
-    (pkg / "csrc" / "native.cpp").write_text("// built by native.py\n")
-    (pkg / "csrc" / "other.cpp").write_text("// nobody imports other.py\n")
-    (root / "stages" / "s.py").write_text("import loram.native\n")
-    (root / "stages" / "t.py").write_text("import loram\n")
+    root = _tree(
+        tmp_path / "r",
+        {
+            "loram/__init__.py": "",
+            "loram/native.py": "",
+            "loram/csrc/native.cpp": "// built by native.py\n",
+            "loram/csrc/other.cpp": "// nobody imports other.py\n",
+            "stages/s.py": "import loram.native\n",
+            "stages/t.py": "import loram\n",
+        },
+    )
     rel = sorted(str(p.relative_to(root)) for p in sd.closure([root / "stages" / "s.py"], root))
     assert rel == ["loram/__init__.py", "loram/csrc/native.cpp", "loram/native.py", "stages/s.py"]
     rel = sorted(str(p.relative_to(root)) for p in sd.closure([root / "stages" / "t.py"], root))

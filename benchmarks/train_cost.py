@@ -46,6 +46,13 @@ SOURCE = {
 }
 
 
+def _source(arm: str, round_to: int) -> str:
+    """The directory under ``--work`` that ``arm`` trains: the pruned ones are named after their
+    channel rounding too (``stru`` is the exact ratio, ``stru-round8`` rounds to 8)."""
+    name = SOURCE[arm]
+    return name if name in ("base", "small") or round_to == 1 else f"{name}-round{round_to}"
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
@@ -99,9 +106,10 @@ def prepare(
     small: str | None = None,
     dtype: str = "float32",
     random_init: bool = False,
+    round_to: int = 1,
 ) -> None:
-    """Base model dir, the random- and Taylor-pruned models (and the smaller model) under
-    ``work``, in ``dtype``."""
+    """Base model dir, the random- and Taylor-pruned models (kept MLP channels rounded to a
+    multiple of ``round_to``) and the smaller model under ``work``, in ``dtype``."""
     import torch
 
     from loram.models import load_hf_model, load_tokenizer, save_model_dir
@@ -118,7 +126,8 @@ def prepare(
         m, tok = _load_base(small, dtype, random_init)
         save_model_dir(m, tok, work / "small", command="base")
     tok = load_tokenizer(base)
-    for name, crit in (("rand", "random"), ("stru", "taylor")):
+    for arm, crit in (("loram_rand", "random"), ("loram_stru", "taylor")):
+        name = _source(arm, round_to)
         if (work / name).is_dir():
             continue
         m = load_hf_model(base)
@@ -133,7 +142,9 @@ def prepare(
         torch.manual_seed(0)
         if crit == "taylor" and torch.cuda.is_available():
             m.to("cuda")  # the importance's forward + backward; results are saved from the CPU
-        manifest = prune_structured(m, ratio, layers, criterion=crit, calib_batches=calib, seed=0)
+        manifest = prune_structured(
+            m, ratio, layers, criterion=crit, calib_batches=calib, seed=0, round_to=round_to
+        )
         save_pruned(m.to("cpu"), manifest, work / name, tokenizer=tok, command="prune")
 
 
@@ -302,7 +313,14 @@ def _import_libraries() -> None:
 
 
 def run_arm(
-    arm: str, work: Path, steps: int, micro: int, seq_len: int, opts: dict, kernels: bool = False
+    arm: str,
+    work: Path,
+    steps: int,
+    micro: int,
+    seq_len: int,
+    opts: dict,
+    kernels: bool = False,
+    round_to: int = 1,
 ) -> dict:
     import torch
 
@@ -313,7 +331,7 @@ def run_arm(
     from loram.train import attn_implementation, bound_training_heap, prepare_lora_model
     from loram.trainloop import train_loop
 
-    src = work / SOURCE[arm]
+    src = work / _source(arm, round_to)
     tok = load_tokenizer(src)
     blocks = _blocks(tok, steps * micro, seq_len)
     device = default_device()
@@ -430,7 +448,7 @@ def run_arm(
 
 
 def analytic_arms(
-    config, ratio: float, micro: int, seq_len: int, dtype_bytes: int, p
+    config, ratio: float, micro: int, seq_len: int, dtype_bytes: int, p, round_to: int = 1
 ) -> dict[str, dict]:
     """The floor of each arm from a config alone (meta models, no weights): frozen weight bytes
     (NF4 projections at 0.5 B + one 8-bit absmax per 64 weights, the rest in the base dtype, as
@@ -444,7 +462,9 @@ def analytic_arms(
     out = {}
     for arm, method, nf4 in (("lora_full", "none", False), ("loram_stru", "structured", False),
                              ("qloram_stru", "structured", True)):  # fmt: skip
-        model, _ = pruned_meta_model(config, method, ratio if method != "none" else 0.0)
+        model, _ = pruned_meta_model(
+            config, method, ratio if method != "none" else 0.0, round_to=round_to
+        )
         projections = [
             m
             for layer in decoder_layers(model)
@@ -597,7 +617,7 @@ def _targets(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loram.config import TrainParams
+    from loram.config import PruneParams, TrainParams
 
     d = TrainParams()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -606,6 +626,13 @@ def main(argv: list[str] | None = None) -> int:
         "--small-model", default=None, help="also LoRA on this smaller model (arm lora_small)"
     )
     ap.add_argument("--ratio", type=float, default=0.65)
+    ap.add_argument(
+        "--round-to",
+        type=int,
+        default=PruneParams().round_to,
+        help="prune.round_to: the pruned arms keep a multiple of this many MLP channels "
+        "(1: the ratio's exact count)",
+    )
     ap.add_argument(
         "--dtype",
         default="float32",
@@ -716,12 +743,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opts", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child == "prepare":
-        prepare(a.model, Path(a.work), a.ratio, a.small_model, a.dtype, a.random_init)
+        prepare(a.model, Path(a.work), a.ratio, a.small_model, a.dtype, a.random_init, a.round_to)
         return 0
     if a.child:
         opts = json.loads(a.opts)
         res = run_arm(
-            a.child, Path(a.work), a.steps, a.micro_batch, a.seq_len, opts, kernels=a.kernels
+            a.child,
+            Path(a.work),
+            a.steps,
+            a.micro_batch,
+            a.seq_len,
+            opts,
+            kernels=a.kernels,
+            round_to=a.round_to,
         )
         # also kept under --work: an interrupted run still leaves the arms it measured
         from loram.fsio import atomic_write_json
@@ -740,7 +774,13 @@ def main(argv: list[str] | None = None) -> int:
             grad_checkpointing=a.grad_checkpointing,
         )
         res = analytic_arms(
-            load_config(a.analytic), a.ratio, a.micro_batch, a.seq_len, a.dtype_bytes, p
+            load_config(a.analytic),
+            a.ratio,
+            a.micro_batch,
+            a.seq_len,
+            a.dtype_bytes,
+            p,
+            a.round_to,
         )
         print(f"analytic floors: {a.analytic}, ratio {a.ratio}, {a.micro_batch} x {a.seq_len}, "
               f"{a.dtype_bytes} B weights")  # fmt: skip
@@ -752,7 +792,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.out:
             from loram.fsio import atomic_write_json
 
-            atomic_write_json(a.out, {"config": a.analytic, "ratio": a.ratio, "arms": res})
+            atomic_write_json(
+                a.out,
+                {"config": a.analytic, "ratio": a.ratio, "round_to": a.round_to, "arms": res},
+            )
         return 0
     arms = [x for x in a.arms.split(",") if x]
     if a.small_model and "lora_small" not in arms:
@@ -771,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     me = [sys.executable, os.path.abspath(__file__)]
     common = ["--work", str(work), "--model", a.model, "--ratio", str(a.ratio)]
+    common += ["--round-to", str(a.round_to)]
     common += ["--dtype", a.dtype] + (["--random-init"] if a.random_init else [])
     if a.small_model:
         common += ["--small-model", a.small_model]
@@ -836,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name(0)}"
     weights = a.dtype + (", random weights" if a.random_init else "")
-    print(f"\n{a.model} ({weights}), ratio {a.ratio}, micro-batch {a.micro_batch} x {a.seq_len} "
+    print(f"\n{a.model} ({weights}), ratio {a.ratio} (round_to {a.round_to}), micro-batch {a.micro_batch} x {a.seq_len} "
           f"tokens, {a.steps} steps; {stamp}; {machine}; options {chosen}")  # fmt: skip
     print(_table(rows))
     spread = [r for r in rows if r.get("runs")]
@@ -866,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
             "random_init": a.random_init,
             "small_model": a.small_model,
             "ratio": a.ratio,
+            "round_to": a.round_to,
             "date": stamp,
             "machine": machine,
             "options": chosen,

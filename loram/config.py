@@ -297,6 +297,14 @@ class PruneParams(_Params):
         description="auto = taylor (structured) or wanda (semi / unstructured); random ignores "
         "it. structured: taylor | magnitude; semi / unstructured: wanda | sparsegpt | magnitude.",
     )
+    round_to: int = Field(
+        8,
+        ge=1,
+        description="structured / random: the kept MLP channels of a layer are rounded to the "
+        "nearest multiple of this (1 = the ratio's exact count). Matrix products over a "
+        "multiple of 8 run at full speed; 537 channels (1,536 at 0.65) cost up to 40% more "
+        "per FLOP on a CPU, and GPU tensor cores want multiples of 8 too.",
+    )
     n: int = Field(2, ge=1)
     m: int = Field(
         4,

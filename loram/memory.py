@@ -144,9 +144,12 @@ def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
         return nn.Linear(in_features, out_features, bias=bias)
 
 
-def shrink_structured(model: nn.Module, ratio: float, layers: Iterable[int]) -> None:
+def shrink_structured(
+    model: nn.Module, ratio: float, layers: Iterable[int], round_to: int = 1
+) -> None:
     """Replace, in place, the projections of ``layers`` by the smaller ones that structured
-    pruning at ``ratio`` leaves (kept KV heads with their query groups, kept MLP channels)."""
+    pruning at ``ratio`` leaves (kept KV heads with their query groups, kept MLP channels, their
+    count rounded to a multiple of ``round_to``)."""
     cfg = model.config
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
@@ -163,7 +166,7 @@ def shrink_structured(model: nn.Module, ratio: float, layers: Iterable[int]) -> 
         attn.v_proj = _linear(v.in_features, kv_out, v.bias is not None)
         attn.o_proj = _linear(q_out, o.out_features, o.bias is not None)
         gate, up, down = (getattr(mlp, p) for p in MLP_PROJ)
-        kept = kept_mlp_channels(gate.out_features, ratio)
+        kept = kept_mlp_channels(gate.out_features, ratio, round_to)
         mlp.gate_proj = _linear(gate.in_features, kept, gate.bias is not None)
         mlp.up_proj = _linear(up.in_features, kept, up.bias is not None)
         mlp.down_proj = _linear(kept, down.out_features, down.bias is not None)
@@ -205,11 +208,13 @@ def pruned_meta_model(
     ratio: float = 0.65,
     first_layer: int | None = None,
     last_dense: int | None = None,
+    round_to: int = 1,
 ) -> tuple[nn.Module, list[int]]:
     """The meta model that pruning ``config`` holds in memory, and the pruned layer indices.
 
-    Structured and random pruning give smaller projections; semi and unstructured pruning keep
-    the dense shapes (zeros are stored); ``none`` is the original model.
+    Structured and random pruning give smaller projections (``round_to``: see
+    :func:`loram.prune.common.kept_mlp_channels`); semi and unstructured pruning keep the dense
+    shapes (zeros are stored); ``none`` is the original model.
     """
     _check_method_ratio(method, ratio)
     model = meta_model(config)
@@ -217,7 +222,7 @@ def pruned_meta_model(
         return model, []
     layers = pruned_layers(config.num_hidden_layers, first_layer, last_dense)
     if method in STRUCTURED:
-        shrink_structured(model, ratio, layers)
+        shrink_structured(model, ratio, layers, round_to)
     return model, layers
 
 

@@ -84,6 +84,8 @@ class Setting:
 
     method: str = "lora"
     ratio: float | None = None  # None: the method's default (0.65 stru/rand, 0.5 semi, ...)
+    # structured / random: kept MLP channels rounded to a multiple of this (prune.round_to)
+    round_to: int = 8
     precision: str = "bf16"  # the frozen base's dtype = the compute dtype (nf4: of the non-4-bit)
     r: int = 8
     targets: tuple[str, ...] = LINEAR_PROJ
@@ -129,7 +131,7 @@ class Setting:
                 f"LoRA targets {bad or '(none)'} not allowed; choose from {', '.join(LINEAR_PROJ)} "
                 "(and --lm-head)"
             )
-        for name in ("r", "micro_batch", "seq_len", "grad_accum"):
+        for name in ("r", "micro_batch", "seq_len", "grad_accum", "round_to"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
         if self.loss_chunk < 0:
@@ -403,7 +405,12 @@ def plan(config: Any, setting: Setting, name: str | None = None) -> Plan:
     cfg = load_config(config)
     label = name or config_label(config, cfg)
     model, _ = pruned_meta_model(
-        cfg, setting.prune_method, setting.pruning_ratio, setting.first_layer, setting.last_dense
+        cfg,
+        setting.prune_method,
+        setting.pruning_ratio,
+        setting.first_layer,
+        setting.last_dense,
+        setting.round_to,
     )
     s = setting
     T = s.micro_batch * s.seq_len
@@ -658,6 +665,7 @@ def run(args: argparse.Namespace) -> int:
         lora_dtype=args.lora_dtype,
         first_layer=args.first_layer,
         last_dense=args.last_dense,
+        round_to=args.round_to,
     )
     base.check()
     plans = [plan(cfg, replace(base, method=m, ratio=args.ratio), name=label) for m in methods]
@@ -753,6 +761,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", choices=DEVICES, default="cuda",
                    help="cuda: max_memory_allocated; cpu: RSS above the pre-load RSS")  # fmt: skip
     p.add_argument("--budget", default=None, help="GPU memory budget, e.g. 80GB, 24GiB, 40000MiB")
+    p.add_argument("--round-to", type=int, default=8,
+                   help="kept MLP channels rounded to a multiple of this, as prune.round_to "
+                   "(default 8; 1: the ratio's exact count)")  # fmt: skip
     p.add_argument("--first-layer", type=int, default=None, help="first pruned decoder layer")
     p.add_argument("--last-dense", type=int, default=None, help="last layers kept dense")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -318,7 +318,7 @@ TARGETS = "'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down
             {"variants": {"rand": {"prune": {"ratoi": 0.5}}}},
             "variants.rand.prune.ratoi is not a known parameter; allowed keys in "
             "'variants.rand.prune': calib_samples, calib_seq_len, criterion, first_layer, "
-            "last_dense, m, method, n, ratio, seed",
+            "last_dense, m, method, n, ratio, round_to, seed",
         ),
         (
             {"variants": {"rand": {"prnue": {"method": "random"}}}},

@@ -90,6 +90,36 @@ def test_kept_mlp_formula(dim, ratio, kept):
 
 
 @pytest.mark.parametrize(
+    "dim,ratio,round_to,kept",
+    [
+        (1536, 0.65, 8, 536),  # 537 -> nearest multiple of 8
+        (1536, 0.65, 64, 512),  # 537 / 64 = 8.39
+        (13824, 0.65, 8, 4840),  # 4838 -> 4840
+        (8960, 0.85, 64, 1344),  # already a multiple: unchanged
+        (72, 0.5, 8, 40),  # 36: a tie rounds up
+        (96, 0.99, 8, 8),  # never below one multiple
+        (100, 0.0, 8, 100),  # the nearest multiple (104) would exceed dim: all kept
+        (6, 0.5, 8, 3),  # dim < round_to: the exact count
+        (1536, 0.65, 1, 537),
+    ],
+)
+def test_kept_mlp_rounded(dim, ratio, round_to, kept):
+    assert kept_mlp_channels(dim, ratio, round_to) == kept
+    # an independent statement of the rule: the multiple nearest the exact count, clamped
+    exact = kept_mlp_channels(dim, ratio)
+    if round_to > 1 and dim >= round_to:
+        assert kept == min(dim, max(round_to, min(
+            range(round_to, dim + round_to, round_to), key=lambda k: (abs(k - exact), -k)
+        )))  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.0, True, "8"])
+def test_round_to_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match=f"round_to = {bad!r} is not allowed"):
+        kept_mlp_channels(96, 0.5, bad)
+
+
+@pytest.mark.parametrize(
     "kv,ratio,kept",
     [
         (3, 0.65, 2),
@@ -364,6 +394,26 @@ def manifest():
 def test_check_manifest_accepts_its_own(manifest):
     assert check_manifest(manifest, tiny_llama().config) == manifest
     assert check_manifest(manifest) == manifest
+    assert manifest["round_to"] == 1
+    older = {k: v for k, v in manifest.items() if k != "round_to"}  # before round_to existed
+    assert check_manifest(older) == older
+
+
+@pytest.mark.parametrize("criterion", ["random", "magnitude"])
+def test_prune_rounds_kept_channels_and_records_it(criterion):
+    """tiny Llama MHA (72 channels) at 0.65 keeps 25 exactly and 24 rounded to 8; the pruned
+    model has those shapes, the manifest says round_to and passes its own check."""
+    model = tiny_llama_mha()
+    man = prune_structured(model, 0.65, [1, 2], criterion, seed=0, progress=False, round_to=8)
+    assert man["round_to"] == 8
+    assert check_manifest(man, tiny_llama_mha().config) == man
+    for i in (1, 2):
+        assert len(man["structure"][str(i)]["mlp_channels"]) == 24
+        assert model.model.layers[i].mlp.gate_proj.out_features == 24
+        assert model.model.layers[i].mlp.down_proj.in_features == 24
+    assert model.model.layers[0].mlp.gate_proj.out_features == 72
+    exact = prune_structured(tiny_llama_mha(), 0.65, [1, 2], criterion, seed=0, progress=False)
+    assert len(exact["structure"]["1"]["mlp_channels"]) == 25
 
 
 @pytest.mark.parametrize(
@@ -380,9 +430,13 @@ def test_check_manifest_accepts_its_own(manifest):
         (lambda m: m["structure"]["2"].update(mlp_channels=[5] * 48), "duplicate"),
         (
             lambda m: m["structure"]["2"].update(mlp_channels=list(range(47))),
-            "keeps 47 of 96.*implies 48",
+            "keeps 47 of 96.*imply 48",
         ),
         (lambda m: m["structure"]["2"].update(mlp_channels=list(range(48))[::-1]), "sorted"),
+        # 48 of 96 kept: a multiple of 16 but not the multiple of 64 nearest 48 (64)
+        (lambda m: m.update(round_to=64), "keeps 48 of 96.*imply 64"),
+        (lambda m: m.update(round_to=0), "round_to = 0 must be an integer >= 1"),
+        (lambda m: m.update(round_to="8"), "round_to = '8' must be an integer >= 1"),
         (
             lambda m: m["geometry"].update(head_dim=16),
             "head_dim is 16 in the manifest but 8 in the model config",

@@ -82,6 +82,7 @@ def run(
         out,
         method=p.method,
         ratio=p.ratio,
+        round_to=p.round_to,
         layers=layers,
         criterion=crit,
         n=p.n,

@@ -43,10 +43,29 @@ def _count(x: float) -> float:
     return round(x, 9)
 
 
-def kept_mlp_channels(dim: int, ratio: float) -> int:
-    """MLP intermediate channels kept: ``dim - ceil(dim * ratio)``, at least 1."""
+def kept_mlp_channels(dim: int, ratio: float, round_to: int = 1) -> int:
+    """MLP intermediate channels kept: ``dim - ceil(dim * ratio)``, at least 1.
+
+    With ``round_to`` > 1 (and ``dim >= round_to``) that count is rounded to the nearest
+    multiple of ``round_to`` (halves up), at least ``round_to`` and at most ``dim``: matrix
+    products whose inner or outer dimension is a multiple of 8 run at full speed, while an odd
+    one (1,536 channels pruned at 0.65 keep 537) costs up to 40% more per FLOP on AVX2 CPUs, and
+    GPU tensor cores want multiples of 8 too."""
     _check_ratio(ratio)
-    return max(1, dim - math.ceil(_count(dim * ratio)))
+    check_round_to(round_to)
+    kept = max(1, dim - math.ceil(_count(dim * ratio)))
+    if round_to <= 1 or dim < round_to:
+        return kept
+    return min(dim, max(round_to, round_to * math.floor(kept / round_to + 0.5)))
+
+
+def check_round_to(round_to) -> None:
+    """``round_to`` must be an integer >= 1 (1: the exact count of the ratio)."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(
+            f"round_to = {round_to!r} is not allowed: expected an integer >= 1 "
+            "(1 keeps the ratio's exact channel count)"
+        )
 
 
 def kept_kv_heads(num_kv_heads: int, ratio: float) -> int:

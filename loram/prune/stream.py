@@ -280,11 +280,13 @@ def prune_to_dir(
     device: str | torch.device = "cpu",
     max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    round_to: int = 1,
 ) -> dict:
     """Prune the model in ``base_dir`` layer by layer into ``out_dir`` (atomically).
 
     ``method``: structured / random / semi / unstructured; ``criterion``: taylor / magnitude /
-    random (structured), wanda / sparsegpt / magnitude (sparse). The model is pruned in the
+    random (structured), wanda / sparsegpt / magnitude (sparse); ``round_to``: the multiple the
+    kept MLP channels are rounded to (structured / random). The model is pruned in the
     dtype it is saved in. Returns ``{"manifest", "sparsity", "params_original",
     "params_pruned"}`` (``sparsity`` as :func:`loram.prune.sparse.sparsity_report`, None for
     structured methods).
@@ -310,6 +312,7 @@ def prune_to_dir(
             inputs,
             max_shard_bytes,
             progress,
+            round_to,
         )
     if method in ("semi", "unstructured"):
         return _sparse(
@@ -358,7 +361,18 @@ def _finish(st: _Streamed, tmp: Path, manifest: dict, tokenizer: Any) -> None:
 
 
 def _structured(
-    st, out_dir, ratio, layers, criterion, calib, seed, tokenizer, inputs, max_shard_bytes, progress
+    st,
+    out_dir,
+    ratio,
+    layers,
+    criterion,
+    calib,
+    seed,
+    tokenizer,
+    inputs,
+    max_shard_bytes,
+    progress,
+    round_to=1,
 ) -> dict:
     from loram.prune.structured import (
         CRITERIA,
@@ -381,11 +395,11 @@ def _structured(
             f"layers {layers} must be a non-empty subset of 0..{geom['num_hidden_layers'] - 1}"
         )
     n_kv = kept_kv_heads(geom["num_key_value_heads"], ratio)
-    n_mlp = kept_mlp_channels(geom["intermediate_size"], ratio)
+    n_mlp = kept_mlp_channels(geom["intermediate_size"], ratio, round_to)
     original = sum(p.numel() for p in st.model.parameters())
     structure: dict[str, dict] = {}
     if criterion == "random":
-        structure = random_structure(geom, ratio, layers, seed)
+        structure = random_structure(geom, ratio, layers, seed, round_to)
     elif criterion == "taylor":
         if calib is None:
             raise ValueError(
@@ -412,7 +426,9 @@ def _structured(
                 del tensors
             _write_rest(st, writer)
         ordered = {str(i): structure[str(i)] for i in layers}
-        manifest = structured_manifest(st.config, criterion, ratio, layers, ordered, original)
+        manifest = structured_manifest(
+            st.config, criterion, ratio, layers, ordered, original, round_to
+        )
         apply_structure(st.model, manifest)  # meta: the pruned shapes, to count them
         manifest["params"]["pruned"] = sum(p.numel() for p in st.model.parameters())
         check_manifest(manifest, st.config)

@@ -5,7 +5,8 @@ modules in the pruned layers are replaced by smaller ones; its config stays the 
 What was kept is recorded in a JSON manifest (format ``loram-pruned/1``)::
 
     {"format": "loram-pruned/1", "method": "structured" | "random",
-     "criterion": "taylor" | "magnitude" | "random", "ratio": r, "layers": [4, 5, ...],
+     "criterion": "taylor" | "magnitude" | "random", "ratio": r, "round_to": m,
+     "layers": [4, 5, ...],
      "model_type": "llama",
      "geometry": {"hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                   "intermediate_size", "num_hidden_layers"},
@@ -15,7 +16,9 @@ What was kept is recorded in a JSON manifest (format ``loram-pruned/1``)::
 KV head ``h`` owns query heads ``h*g .. h*g+g-1`` (``g = heads // kv_heads``); keeping it keeps
 those q rows, its k and v rows (and biases) and the matching o columns. Indices are the
 original ones, sorted ascending. Sparse methods ("semi", "unstructured") share the format but
-have no ``structure``: their shapes equal the original ones.
+have no ``structure``: their shapes equal the original ones. ``round_to`` (absent in older
+manifests: 1) is the multiple the kept MLP channel count was rounded to
+(:func:`loram.prune.common.kept_mlp_channels`).
 """
 
 from __future__ import annotations
@@ -138,8 +141,8 @@ def _check_index_list(where: str, values: Any, size: int, expected_count: int) -
         _fail(f"manifest {where} must be sorted ascending")
     if len(values) != expected_count:
         _fail(
-            f"manifest {where} keeps {len(values)} of {size}, but the ratio in the manifest "
-            f"implies {expected_count}"
+            f"manifest {where} keeps {len(values)} of {size}, but the ratio (and round_to) in "
+            f"the manifest imply {expected_count}"
         )
 
 
@@ -212,8 +215,11 @@ def check_manifest(manifest: Any, config: Any = None) -> dict:
             _fail(
                 f"manifest structure keys {sorted(structure, key=str)} do not match its layers {layers}"
             )
+        round_to = manifest.get("round_to", 1)
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            _fail(f"manifest round_to = {round_to!r} must be an integer >= 1")
         kv, d = geom["num_key_value_heads"], geom["intermediate_size"]
-        n_kv, n_mlp = kept_kv_heads(kv, ratio), kept_mlp_channels(d, ratio)
+        n_kv, n_mlp = kept_kv_heads(kv, ratio), kept_mlp_channels(d, ratio, round_to)
         for layer in layers:
             entry = structure[str(layer)]
             if not isinstance(entry, Mapping):
@@ -457,19 +463,21 @@ def prune_structured(
     calib_batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
     seed: int = 0,
     progress: bool = True,
+    round_to: int = 1,
 ) -> dict:
     """Prune ``layers`` of ``model`` in place (LoRAM-Stru, or LoRAM-Rand with "random").
 
     Keeps ``kv - floor(kv*ratio)`` KV heads (with their query groups) and
-    ``d - ceil(d*ratio)`` MLP channels in each listed layer; the config is left unchanged.
-    Returns the JSON-serializable manifest describing what was kept.
+    ``d - ceil(d*ratio)`` MLP channels (rounded to a multiple of ``round_to``, see
+    :func:`~loram.prune.common.kept_mlp_channels`) in each listed layer; the config is left
+    unchanged. Returns the JSON-serializable manifest describing what was kept.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion = {criterion!r}; expected one of {', '.join(CRITERIA)}")
     layers = sorted(set(int(x) for x in layers))
     geom = geometry(model.config)
     kv, d = geom["num_key_value_heads"], geom["intermediate_size"]
-    n_kv, n_mlp = kept_kv_heads(kv, ratio), kept_mlp_channels(d, ratio)
+    n_kv, n_mlp = kept_kv_heads(kv, ratio), kept_mlp_channels(d, ratio, round_to)
     bad = [x for x in layers if not 0 <= x < geom["num_hidden_layers"]]
     if bad or not layers:
         raise ValueError(
@@ -479,24 +487,26 @@ def prune_structured(
     original = sum(p.numel() for p in model.parameters())
     structure: dict[str, dict[str, list[int]]] = {}
     if criterion == "random":
-        structure = random_structure(geom, ratio, layers, seed)
+        structure = random_structure(geom, ratio, layers, seed, round_to)
     else:
         scores = structured_importance(model, layers, criterion, calib_batches, progress)
         for layer in layers:
             structure[str(layer)] = kept_structure(scores[layer], n_kv, n_mlp)
 
-    manifest = structured_manifest(model.config, criterion, ratio, layers, structure, original)
+    manifest = structured_manifest(
+        model.config, criterion, ratio, layers, structure, original, round_to
+    )
     apply_structure(model, manifest)
     manifest["params"]["pruned"] = sum(p.numel() for p in model.parameters())
     return manifest
 
 
 def random_structure(
-    geom: Mapping[str, int], ratio: float, layers: Iterable[int], seed: int
+    geom: Mapping[str, int], ratio: float, layers: Iterable[int], seed: int, round_to: int = 1
 ) -> dict[str, dict[str, list[int]]]:
     """LoRAM-Rand's kept KV heads and MLP channels per layer (one generator, layers in order)."""
     kv, d = geom["num_key_value_heads"], geom["intermediate_size"]
-    n_kv, n_mlp = kept_kv_heads(kv, ratio), kept_mlp_channels(d, ratio)
+    n_kv, n_mlp = kept_kv_heads(kv, ratio), kept_mlp_channels(d, ratio, round_to)
     gen = torch.Generator().manual_seed(seed)
     structure = {}
     for layer in sorted(set(int(x) for x in layers)):
@@ -515,7 +525,13 @@ def kept_structure(scores: Mapping[str, torch.Tensor], n_kv: int, n_mlp: int) ->
 
 
 def structured_manifest(
-    config: Any, criterion: str, ratio: float, layers: list[int], structure: dict, original: int
+    config: Any,
+    criterion: str,
+    ratio: float,
+    layers: list[int],
+    structure: dict,
+    original: int,
+    round_to: int = 1,
 ) -> dict:
     """The manifest of a structured / random pruning (``params.pruned`` still None)."""
     return {
@@ -523,6 +539,7 @@ def structured_manifest(
         "method": "random" if criterion == "random" else "structured",
         "criterion": criterion,
         "ratio": float(ratio),
+        "round_to": int(round_to),
         "layers": layers,
         "model_type": getattr(config, "model_type", None),
         "geometry": geometry(config),

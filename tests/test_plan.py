@@ -194,7 +194,9 @@ PAPER_TABLE8_MIB = {  # Table 8: micro-batch 4 x 512, LoRA r 8 on q,k,v,o,gate,u
 # The paper's code (junzhang-zj/LoRAM, 2_pruned_low_rank_matrix_training.py): bf16 base,
 # flash-attention-2 (it keeps what SDPA keeps), HF Trainer with bf16 autocast (the LoRA branch
 # computes in bf16), dropout 0.05, lm_head adapted.
-PAPER_CODE = P.Setting(lm_head=True, lora_dtype="bf16", device="cuda", attention="sdpa")
+PAPER_CODE = P.Setting(
+    lm_head=True, lora_dtype="bf16", device="cuda", attention="sdpa", round_to=1
+)  # LLM-Pruner keeps the ratio's exact channel count
 
 
 @pytest.mark.parametrize("model, method", sorted(PAPER_TABLE8_MIB))

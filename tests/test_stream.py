@@ -160,7 +160,7 @@ def _calib(vocab=128, n=3, seq=12, seed=1):
     return out
 
 
-def _in_memory(base_dir, out, method, criterion, ratio, calib, seed=0):
+def _in_memory(base_dir, out, method, criterion, ratio, calib, seed=0, round_to=1):
     """What the prune stage did before streaming: load whole, prune in place, save_pruned."""
     model, _ = load_model(str(base_dir), dtype=torch.bfloat16, with_tokenizer=False)
     layers = pruned_layers(model.config.num_hidden_layers)
@@ -173,6 +173,7 @@ def _in_memory(base_dir, out, method, criterion, ratio, calib, seed=0):
             calib_batches=calib,
             seed=seed,
             progress=False,
+            round_to=round_to,
         )
         save_pruned(model, man, out)
         return
@@ -216,8 +217,12 @@ CASES = [
 @pytest.mark.parametrize("method,criterion", CASES)
 def test_streaming_prune_equals_in_memory(base, tmp_path, method, criterion):
     calib = _calib() if criterion in ("wanda", "sparsegpt", "taylor") else None
-    ratio = 0.5
-    _in_memory(base, tmp_path / "mem", method, criterion, ratio, copy.deepcopy(calib), seed=4)
+    structured = method in ("structured", "random")
+    # structured: 0.65 keeps 33 of 96 / 28 of 80 channels, rounded to 32 by round_to 8
+    ratio, round_to = (0.65, 8) if structured else (0.5, 1)
+    _in_memory(
+        base, tmp_path / "mem", method, criterion, ratio, copy.deepcopy(calib), 4, round_to
+    )
     n_layers = _json(base, "config.json")["num_hidden_layers"]
     res = prune_to_dir(
         base,
@@ -230,8 +235,12 @@ def test_streaming_prune_equals_in_memory(base, tmp_path, method, criterion):
         seed=4,
         max_shard_bytes=SHARD,
         progress=False,
+        round_to=round_to,
     )
     a, b = tmp_path / "stream", tmp_path / "mem"
+    if structured:
+        assert res["manifest"]["round_to"] == 8
+        assert {len(s["mlp_channels"]) for s in res["manifest"]["structure"].values()} == {32}
     assert (a / "model.safetensors.index.json").is_file()
     _same_tensors(a, b)
     for name in ("config.json", "generation_config.json", "loram_manifest.json"):

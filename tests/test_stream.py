@@ -220,9 +220,7 @@ def test_streaming_prune_equals_in_memory(base, tmp_path, method, criterion):
     structured = method in ("structured", "random")
     # structured: 0.65 keeps 33 of 96 / 28 of 80 channels, rounded to 32 by round_to 8
     ratio, round_to = (0.65, 8) if structured else (0.5, 1)
-    _in_memory(
-        base, tmp_path / "mem", method, criterion, ratio, copy.deepcopy(calib), 4, round_to
-    )
+    _in_memory(base, tmp_path / "mem", method, criterion, ratio, copy.deepcopy(calib), 4, round_to)
     n_layers = _json(base, "config.json")["num_hidden_layers"]
     res = prune_to_dir(
         base,

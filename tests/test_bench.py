@@ -248,6 +248,32 @@ def test_analytic_floors_from_a_config_alone():
     assert stru["lora_params"] < full["lora_params"]
 
 
+def test_pruned_arms_train_a_directory_named_after_their_rounding():
+    assert train_cost._source("lora_full", 8) == "base"
+    assert train_cost._source("loram_stru", 1) == "stru"
+    assert train_cost._source("qloram_stru", 8) == "stru-round8"
+    assert train_cost._source("loram_rand", 64) == "rand-round64"
+
+
+def test_mlp_shapes_times_the_exact_and_the_rounded_channel_counts():
+    """tiny Llama: 96 channels, 0.65 keeps 33 exactly, 32 rounded to 8 (and to 16)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mlp_shapes.py"), "--model", "tiny-llama",
+         "--round-to", "8", "16", "--tokens", "32", "--repeat", "3"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {ln.split(" (")[0]: ln for ln in proc.stdout.splitlines() if " (" in ln}
+    assert {"unpruned", "exact", "round_to 8", "round_to 16"} <= set(rows)
+    assert "(96)" in rows["unpruned"] and "(33)" in rows["exact"] and "(32)" in rows["round_to 8"]
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mlp_shapes.py"), "--model", "tiny-llama",
+         "--round-to", "0"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "round_to = 0 is not allowed" in bad.stderr
+
+
 def _stage_cost():
     spec = importlib.util.spec_from_file_location(
         "stage_cost", ROOT / "benchmarks" / "stage_cost.py"

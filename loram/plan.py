@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from loram.config import PruneParams
 from loram.memory import (
     BYTES,
     available_configs,
@@ -50,6 +51,8 @@ from loram.prune.common import ATTN_PROJ, LINEAR_PROJ, MLP_PROJ
 
 MIB = 2**20
 GIB = 2**30
+# kept MLP channels are rounded as the pipeline's pruning rounds them (prune.round_to)
+DEFAULT_ROUND_TO: int = PruneParams.model_fields["round_to"].default
 
 # Methods: (pruning method of loram.memory, NF4 base).
 METHODS: dict[str, tuple[str, bool]] = {
@@ -85,7 +88,7 @@ class Setting:
     method: str = "lora"
     ratio: float | None = None  # None: the method's default (0.65 stru/rand, 0.5 semi, ...)
     # structured / random: kept MLP channels rounded to a multiple of this (prune.round_to)
-    round_to: int = 8
+    round_to: int = DEFAULT_ROUND_TO
     precision: str = "bf16"  # the frozen base's dtype = the compute dtype (nf4: of the non-4-bit)
     r: int = 8
     targets: tuple[str, ...] = LINEAR_PROJ
@@ -761,9 +764,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", choices=DEVICES, default="cuda",
                    help="cuda: max_memory_allocated; cpu: RSS above the pre-load RSS")  # fmt: skip
     p.add_argument("--budget", default=None, help="GPU memory budget, e.g. 80GB, 24GiB, 40000MiB")
-    p.add_argument("--round-to", type=int, default=8,
+    p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO,
                    help="kept MLP channels rounded to a multiple of this, as prune.round_to "
-                   "(default 8; 1: the ratio's exact count)")  # fmt: skip
+                   f"(default {DEFAULT_ROUND_TO}; 1: the ratio's exact count)")  # fmt: skip
     p.add_argument("--first-layer", type=int, default=None, help="first pruned decoder layer")
     p.add_argument("--last-dense", type=int, default=None, help="last layers kept dense")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from loram.prune.common import (
     LINEAR_PROJ,
+    check_round_to,
     kept_kv_heads,
     kept_mlp_channels,
     module_path,
@@ -216,7 +217,9 @@ def check_manifest(manifest: Any, config: Any = None) -> dict:
                 f"manifest structure keys {sorted(structure, key=str)} do not match its layers {layers}"
             )
         round_to = manifest.get("round_to", 1)
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        try:
+            check_round_to(round_to)
+        except ValueError:
             _fail(f"manifest round_to = {round_to!r} must be an integer >= 1")
         kv, d = geom["num_key_value_heads"], geom["intermediate_size"]
         n_kv, n_mlp = kept_kv_heads(kv, ratio), kept_mlp_channels(d, ratio, round_to)

@@ -40,6 +40,8 @@ def _products(tokens: int, hidden: int, k: int, device: str, dtype):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loram.config import PruneParams
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--model",
@@ -47,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         help="as loram plan --model: a shipped config, config.json, model dir, tiny / embedded name",
     )
     ap.add_argument("--ratio", type=float, default=0.65)
-    ap.add_argument("--round-to", type=int, nargs="+", default=[8], help="one or more multiples")
+    ap.add_argument(
+        "--round-to",
+        type=int,
+        nargs="+",
+        default=[PruneParams().round_to],
+        help="one or more multiples (default: prune.round_to's default)",
+    )
     ap.add_argument("--tokens", type=int, default=2048, help="micro-batch x sequence (4 x 512)")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")

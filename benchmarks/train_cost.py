@@ -11,11 +11,14 @@ is the arm's own:
 
 Per arm: parameters held (frozen), their bytes, peak memory (peak RSS of the arm's process above
 its RSS just before the model is loaded; ``torch.cuda.max_memory_allocated`` on a GPU), seconds per
-step (median over the steps between the first and the last, which writes a checkpoint) and samples/s, and the ratios against ``lora_full``.
+step (median over the steps between the first and the last, which writes a checkpoint) and
+samples/s, and the ratios against ``lora_full``. On CPU the arms run in lockstep (``--lockstep``):
+all their processes are started at once and compute in turns, one step each, so the steps of the
+arms are interleaved in time and a slow spell of a shared machine falls on all of them alike.
 Pruned models are prepared once, in their own process, under ``--work``.
 
-    python benchmarks/train_cost.py                        # embedded SmolLM2-135M, 4 x 512
-    python benchmarks/train_cost.py --model tiny-llama --steps 3 --seq-len 128
+    python benchmarks/train_cost.py                        # SmolLM2-135M, 4 x 512, 3 runs
+    python benchmarks/train_cost.py --model tiny-llama --steps 3 --repeat 1 --seq-len 128
     python benchmarks/train_cost.py --out reports/train_cost.json --also stock   # + stock runs
     python benchmarks/train_cost.py --loss-chunk 0 --no-grad-checkpointing      # other options
     python benchmarks/train_cost.py --analytic path/to/model_dir --ratio 0.85   # floors only
@@ -312,6 +315,24 @@ def _import_libraries() -> None:
             pass
 
 
+class Gate:
+    """A child's side of lockstep running: it computes only between the coordinator's ``go``
+    (a line on ``read_fd``) and its own ``done`` (a line on ``write_fd``), so the arms' steps
+    take turns on the machine instead of one arm's steps all running before the next arm's."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self._r = os.fdopen(read_fd, "r")
+        self._w = os.fdopen(write_fd, "w")
+
+    def wait(self) -> None:
+        if self._r.readline() != "go\n":
+            raise SystemExit("lockstep: the coordinator went away")
+
+    def done(self) -> None:
+        self._w.write("done\n")
+        self._w.flush()
+
+
 def run_arm(
     arm: str,
     work: Path,
@@ -321,7 +342,14 @@ def run_arm(
     opts: dict,
     kernels: bool = False,
     round_to: int = 1,
+    gate: Gate | None = None,
 ) -> dict:
+    """One arm's run. With ``gate`` (lockstep) the run is cut into turns: loading and the
+    activation probe, then each step, then the rest (the checkpoint, the peak, the profile);
+    each turn starts at the coordinator's ``go`` and ends with ``done``. A step's time is
+    measured from its ``go`` to its end, so the time spent waiting for a turn is not counted."""
+    if gate is not None:
+        gate.wait()
     import torch
 
     from loram.config import TrainParams
@@ -365,25 +393,29 @@ def run_arm(
     acts, logits = _saved_activation_bytes(
         peft_model, collate(blocks[:micro], pad), device, p.loss_chunk, p.loss_fused
     )
-    stamps: list[float] = []
+    # monotonic clock, the same in every process: lockstep turns can be checked for overlap
+    begins: list[float] = []
+    ends: list[float] = []
+
+    def after_step() -> None:
+        ends.append(time.monotonic())
+        if gate is not None:
+            gate.done()  # the step's turn ends; the next one (or the finish) starts at go
+            gate.wait()
+        begins.append(time.monotonic())
+
+    if gate is not None:
+        gate.done()
+        gate.wait()
     with tempfile.TemporaryDirectory() as ckpt:
-        t0 = time.perf_counter()
-        train_loop(
-            peft_model,
-            blocks,
-            [],
-            p,
-            ckpt,
-            pad,
-            after_step=lambda: stamps.append(time.perf_counter()),
-            desc=arm,
-        )
+        begins.append(time.monotonic())
+        train_loop(peft_model, blocks, [], p, ckpt, pad, after_step=after_step, desc=arm)
     from loram import block_cache
 
     cache_on = block_cache.installed() if p.block_cache and p.heap_mmap_threshold else False
     cache_stats = block_cache.stats() if cache_on else None
-    steps_s = [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
-    # The first step warms up; the last one also writes the final checkpoint.
+    steps_s = [e - b for b, e in zip(begins, ends)]
+    # The first step warms up; the last one is followed by the final checkpoint (excluded too).
     timed = steps_s[1:-1] if len(steps_s) > 2 else steps_s
     per_step = statistics.median(timed)
     peak = (
@@ -441,10 +473,76 @@ def run_arm(
         "block_cache": cache_on,
         "block_cache_stats": cache_stats,
         "steps": steps,
+        "step_seconds": [round(x, 3) for x in steps_s],
+        "step_spans": [[round(b, 3), round(e, 3)] for b, e in zip(begins, ends)],
+        "lockstep": gate is not None,
         "micro_batch": micro,
         "seq_len": seq_len,
         "device": device,
     }
+
+
+def _child_result(label: str, code: int, stdout: str, stderr: str) -> dict:
+    if code != 0:
+        sys.stderr.write(stderr[-4000:])
+        raise SystemExit(f"arm {label} failed (exit {code})")
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def run_child(label: str, cmd: list[str], env: dict) -> dict:
+    """One arm in a fresh process, alone on the machine."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return _child_result(label, out.returncode, out.stdout, out.stderr)
+
+
+def run_lockstep(cmds: dict[str, list[str]], steps: int, env: dict) -> dict[str, dict]:
+    """The arms in fresh processes of their own, all started at once but computing in turns: every
+    arm loads, then every arm runs its step 1, then every arm its step 2, ... and finishes. Only
+    one arm computes at any time (the others wait on a pipe, idle), so each arm's peak memory is
+    its own as in separate runs, while the arms' steps are interleaved in time: a slow spell of a
+    shared machine falls on every arm's steps alike instead of on one arm's whole run. All the
+    arms' memory is resident at once."""
+    kids = []
+    try:
+        for label, cmd in cmds.items():
+            go_r, go_w = os.pipe()
+            done_r, done_w = os.pipe()
+            out = tempfile.TemporaryFile(mode="w+")  # files, not pipes: no child blocks on output
+            err = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(
+                [*cmd, "--gate", f"{go_r},{done_w}"],
+                stdout=out, stderr=err, text=True, env=env, pass_fds=(go_r, done_w),
+            )  # fmt: skip
+            os.close(go_r)
+            os.close(done_w)
+            kids.append((label, proc, os.fdopen(go_w, "w"), os.fdopen(done_r, "r"), out, err))
+        # turns: loading, each step, then the finish (checkpoint, peak, profile, exit)
+        for turn in range(steps + 2):
+            first = turn % len(kids)  # each arm in its turn goes first: no arm always follows
+            for label, proc, go, done, out, err in kids[first:] + kids[:first]:
+                go.write("go\n")
+                go.flush()
+                if turn <= steps and done.readline() != "done\n":
+                    proc.wait()
+                    err.seek(0)
+                    out.seek(0)
+                    _child_result(label, proc.returncode or 1, out.read(), err.read())
+                if turn == steps + 1:
+                    proc.wait()
+        results = {}
+        for label, proc, _go, _done, out, err in kids:
+            out.seek(0)
+            err.seek(0)
+            results[label] = _child_result(label, proc.returncode, out.read(), err.read())
+        return results
+    finally:
+        for _, proc, go, done, out, err in kids:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for f in (go, done, out, err):
+                f.close()
 
 
 def analytic_arms(
@@ -645,17 +743,23 @@ def main(argv: list[str] | None = None) -> int:
         help="--model / --small-model are directories with a config.json and a tokenizer but "
         "no weights: weights are drawn at random (seeded); memory and speed do not depend on them",
     )
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=8,
+        help="optimizer steps per arm; the first and the last are not timed (default 8: 6 timed)",
+    )
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument(
         "--repeat",
         type=int,
-        default=1,
+        default=3,
         metavar="N",
         help="run every arm N times, interleaved (all arms, then all again): each arm's row is "
-        "its run with the median s/step, and the JSON keeps every run's s/step and peak",
+        "its run with the median s/step, and the JSON keeps every run's s/step and peak "
+        "(default 3)",
     )
     ap.add_argument(
         "--loss-chunk", type=int, default=d.loss_chunk, help="train.loss_chunk (0: stock loss)"
@@ -739,7 +843,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--work", default=None, help="where the prepared models live (default: temp)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument(
+        "--lockstep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the arms of a setting in lockstep: each in its own fresh process (peak memory "
+        "its own), computing in turns, one step each, so the arms' steps are interleaved in time "
+        "and a slow spell of the machine falls on all arms alike; all the arms' memory is "
+        "resident at once, so settings on glibc's heap (stock, glibc_heap), whose processes "
+        "keep what they freed, run one arm after another (default: on CPU yes, on a GPU no)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gate", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--opts", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child == "prepare":
@@ -756,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
             opts,
             kernels=a.kernels,
             round_to=a.round_to,
+            gate=Gate(*map(int, a.gate.split(","))) if a.gate else None,
         )
         # also kept under --work: an interrupted run still leaves the arms it measured
         from loram.fsio import atomic_write_json
@@ -848,26 +964,34 @@ def main(argv: list[str] | None = None) -> int:
         (f"@{name}", {**chosen, **presets[name]}) for name in dict.fromkeys(also)
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # params decide
+    if a.lockstep is None:
+        import torch
+
+        a.lockstep = not torch.cuda.is_available()
     runs: dict[str, list[dict]] = {}
     for rep in range(a.repeat):
         for suffix, opts in settings:
-            for arm in arms:
-                label = arm + suffix
-                tag = f" (run {rep + 1} of {a.repeat})" if a.repeat > 1 else ""
-                print(f"arm {label}{tag} {opts} ...", flush=True)
-                # the kernel split is profiled once per arm, in its first run
-                prof = ["--kernels" if a.kernels and rep == 0 else "--no-kernels"]
-                out = subprocess.run(
-                    [*me, "--child", arm, *common, *prof, "--steps", str(a.steps),
-                     "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len),
-                     "--opts", json.dumps(opts)],
-                    capture_output=True, text=True, env=env,
-                )  # fmt: skip
-                if out.returncode != 0:
-                    sys.stderr.write(out.stderr[-4000:])
-                    raise SystemExit(f"arm {label} failed (exit {out.returncode})")
-                line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
-                runs.setdefault(label, []).append(json.loads(line[len("RESULT ") :]))
+            tag = f" (run {rep + 1} of {a.repeat})" if a.repeat > 1 else ""
+            # the kernel split is profiled once per arm, in its first run
+            prof = ["--kernels" if a.kernels and rep == 0 else "--no-kernels"]
+            cmds = {
+                arm + suffix: [*me, "--child", arm, *common, *prof, "--steps", str(a.steps),
+                               "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len),
+                               "--opts", json.dumps(opts)]
+                for arm in arms
+            }  # fmt: skip
+            # glibc's heap keeps what a process freed: a whole group's stock runs resident at
+            # once would not fit where one at a time does, so those run one after another
+            if a.lockstep and opts["heap_mmap_threshold"] > 0:
+                print(f"arms {', '.join(cmds)}{tag}, in lockstep, {opts} ...", flush=True)
+                results = run_lockstep(cmds, a.steps, env)
+            else:
+                results = {}
+                for label, cmd in cmds.items():
+                    print(f"arm {label}{tag} {opts} ...", flush=True)
+                    results[label] = run_child(label, cmd, env)
+            for label, res in results.items():
+                runs.setdefault(label, []).append(res)
     rows = [{**_merge_runs(rs), "label": label} for label, rs in runs.items()]
     _ratios(rows)
     targets = _targets(rows)

@@ -154,6 +154,52 @@ def test_repeated_runs_keep_the_median_run_and_every_runs_figures():
     assert "runs" not in one and one["seconds_per_step"] == 20.0
 
 
+# A stand-in arm process for the lockstep coordinator: it follows the child's side of the
+# protocol (train_cost.Gate) with a few busy "steps" and prints the spans of its turns.
+_FAKE_ARM = """
+import json, sys, time
+sys.path.insert(0, {bench!r})
+from train_cost import Gate
+steps, fail_at = int(sys.argv[1]), int(sys.argv[2])
+gate = Gate(*map(int, sys.argv[sys.argv.index("--gate") + 1].split(",")))
+gate.wait()
+gate.done()
+spans = []
+for step in range(1, steps + 1):
+    gate.wait()
+    if step == fail_at:
+        sys.exit(3)
+    t = time.monotonic()
+    while time.monotonic() - t < 0.02:
+        pass
+    spans.append([t, time.monotonic()])
+    gate.done()
+gate.wait()
+print("RESULT " + json.dumps({{"spans": spans}}))
+"""
+
+
+def _fake_arm(steps: int, fail_at: int = 0) -> list[str]:
+    code = _FAKE_ARM.format(bench=str(ROOT / "benchmarks"))
+    return [sys.executable, "-c", code, str(steps), str(fail_at)]
+
+
+def test_lockstep_runs_one_arm_at_a_time_and_interleaves_their_steps():
+    res = train_cost.run_lockstep({a: _fake_arm(4) for a in ("a", "b", "c")}, 4, {})
+    assert set(res) == {"a", "b", "c"} and all(len(r["spans"]) == 4 for r in res.values())
+    turns = sorted((b, e, arm) for arm, r in res.items() for b, e in r["spans"])
+    # never two arms computing at once
+    assert all(e <= nb for (_, e, _), (nb, _, _) in zip(turns, turns[1:]))
+    # step k of every arm runs before step k + 1 of any arm, the first arm rotating each turn
+    order = [arm for _, _, arm in turns]
+    assert order == ["b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a"]
+
+
+def test_lockstep_names_the_arm_that_failed_and_stops_the_others():
+    with pytest.raises(SystemExit, match="arm b failed"):
+        train_cost.run_lockstep({"a": _fake_arm(3), "b": _fake_arm(3, fail_at=2)}, 3, {})
+
+
 def test_ratios_and_targets():
     def row(label, peak, sps):
         return {"label": label, "arm": label.split("@")[0], "peak_mib": peak,
@@ -179,7 +225,7 @@ def _run(tmp_path, *args):
     out = tmp_path / "cost.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train_cost.py"), "--model", "tiny-llama",
-         "--steps", "3", "--seq-len", "64", "--work", str(tmp_path / "work"), "--out", str(out),
+         "--steps", "3", "--repeat", "1", "--seq-len", "64", "--work", str(tmp_path / "work"), "--out", str(out),
          *args],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -205,6 +251,10 @@ def test_train_cost_benchmark_on_tiny_model(tmp_path):
         assert r["floor_mib"] > b["weights"]
         assert r["kernel_seconds"]["matmul"] > 0  # --kernels is on by default
         assert r["block_cache"] is True and r["block_cache_stats"] is not None  # CPU default
+        assert r["lockstep"] is True and len(r["step_seconds"]) == 3  # CPU default
+    # lockstep: the two arms' steps never overlap in time
+    spans = sorted(tuple(s) for r in arms.values() for s in r["step_spans"])
+    assert all(e <= nb for (_, e), (nb, _) in zip(spans, spans[1:]))
     assert stru["kernel_bound_vs_lora_full"] > 0
     assert res["options"]["loss_chunk"] == 32 and res["targets"]
     assert "lora_full" in stdout and "x mem" in stdout and "breakdown" in stdout
@@ -223,6 +273,8 @@ def test_train_cost_benchmark_compares_with_stock_settings(tmp_path):
     assert q["params_held"] == stru["params_held"] and q["param_bytes"] < stru["param_bytes"]
     assert arms["lora_full"]["attn_implementation"] == "eager"
     assert arms["lora_full@stock"]["loss_chunk"] == 0
+    # glibc's heap keeps freed memory: stock arms run one after another, the others in lockstep
+    assert arms["lora_full@stock"]["lockstep"] is False and arms["lora_full"]["lockstep"] is True
     assert arms["lora_full@stock"]["breakdown_mib"]["logits_loss"] > 0
     for a in ("lora_full", "loram_stru", "qloram_stru"):
         assert "memory_vs_stock" in arms[a]

@@ -472,6 +472,7 @@ def run_arm(
         "heap_mmap_threshold": p.heap_mmap_threshold,
         "block_cache": cache_on,
         "block_cache_stats": cache_stats,
+        "optimizer": p.optimizer,
         "steps": steps,
         "step_seconds": [round(x, 3) for x in steps_s],
         "step_spans": [[round(b, 3), round(e, 3)] for b, e in zip(begins, ends)],
@@ -789,6 +790,12 @@ def main(argv: list[str] | None = None) -> int:
         help="train.attn_implementation",
     )
     ap.add_argument(
+        "--optimizer",
+        choices=("auto", "fused", "foreach", "for_loop"),
+        default=d.optimizer,
+        help="train.optimizer (AdamW's implementation)",
+    )
+    ap.add_argument(
         "--also",
         default="",
         help="comma-separated settings to run every arm with as well, in the same run: stock "
@@ -798,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache), block_cache (heap_mmap_threshold 131072 with it), glibc_heap "
         "(heap_mmap_threshold 0: glibc's dynamic threshold), unfused (loss_fused false: every "
         "loss chunk recomputed in the backward pass), packed_dropout / torch_dropout "
-        "(train.dropout_rng)",
+        "(train.dropout_rng), foreach_optimizer / fused_optimizer (train.optimizer)",
     )
     ap.add_argument("--compare-stock", action="store_true", help="the same as --also stock")
     ap.add_argument(
@@ -944,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         "attn_implementation": a.attn_implementation,
         "heap_mmap_threshold": a.heap_mmap_threshold,
         "block_cache": a.block_cache,
+        "optimizer": a.optimizer,
     }
     presets = {
         "stock": {"loss_chunk": 0, "grad_checkpointing": False, "heap_mmap_threshold": 0},
@@ -953,6 +961,8 @@ def main(argv: list[str] | None = None) -> int:
         "unfused": {"loss_fused": False},
         "packed_dropout": {"dropout_rng": "packed"},
         "torch_dropout": {"dropout_rng": "torch"},
+        "foreach_optimizer": {"optimizer": "foreach"},
+        "fused_optimizer": {"optimizer": "fused"},
         "loss_only": {"loss_chunk": a.loss_chunk or 256, "grad_checkpointing": False},
         "ckpt_only": {"loss_chunk": 0, "grad_checkpointing": True},
     }

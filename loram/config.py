@@ -393,6 +393,13 @@ _BLOCK_CACHE = (
     "cannot be built, a warning and the bounded heap alone. No effect with heap_mmap_threshold "
     "0 or on a GPU."
 )
+_OPTIMIZER = (
+    "AdamW's implementation: auto (torch's fused kernel, one pass per step over every tensor, "
+    "where it runs: one process or DDP on a CPU or CUDA device; torch's default, foreach, under "
+    "FSDP), fused, foreach (a few passes per step over all tensors at once) or for_loop (one "
+    "tensor at a time). The same update up to rounding."
+)
+Optimizer = Literal["auto", "fused", "foreach", "for_loop"]
 AttnImplementation = Literal["sdpa", "eager"]
 LOSS_CHUNK_DEFAULT = 256
 # On: glibc's dynamic threshold keeps the freed activations of every step resident (SmolLM2-135M,
@@ -416,6 +423,7 @@ class EngineParams(_Params):
     attn_implementation: AttnImplementation = Field("sdpa", description=_ATTN)
     heap_mmap_threshold: int = Field(HEAP_MMAP_THRESHOLD_DEFAULT, ge=0, description=_HEAP)
     block_cache: bool = Field(True, description=_BLOCK_CACHE)
+    optimizer: Optimizer = Field("auto", description=_OPTIMIZER)
 
 
 class AlignParams(EngineParams):

@@ -116,6 +116,16 @@ def micro_seed(seed: int, step: int, j: int) -> int:
     return seed * 1_000_003 + step + (j << 32)
 
 
+def adamw_impl(choice: str, device, sharded: bool) -> dict:
+    """AdamW's keyword arguments for ``train.optimizer`` / ``align.optimizer``: auto is torch's
+    fused kernel (one pass over every tensor per step) on a CPU or CUDA device unless the
+    parameters are FSDP shards, where torch's own default is kept."""
+    if choice == "auto":
+        choice = "fused" if torch.device(device).type in ("cpu", "cuda") and not sharded else ""
+    return {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "for_loop": {"foreach": False}}.get(choice, {})  # fmt: skip
+
+
 def train_loop(
     model,
     train_examples: list[dict],
@@ -211,6 +221,7 @@ def _train(
             {"params": no_decay, "weight_decay": 0.0},
         ],
         lr=cfg.lr,
+        **adamw_impl(getattr(cfg, "optimizer", "auto"), acc.device, sharded),
     )
     wrapped, opt = acc.prepare(model, opt)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]

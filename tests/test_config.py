@@ -205,7 +205,7 @@ TARGETS = "'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down
             "train.lrr is not a known parameter; allowed keys in 'train': alpha, "
             "attn_implementation, block_cache, dropout, dropout_rng, eval_every, grad_accum, grad_checkpointing, heap_mmap_threshold, "
             "keep_checkpoint, lm_head, loss_chunk, loss_fused, lr, max_grad_norm, max_steps, "
-            "max_val_rows, micro_batch, packing, precision, processes, quantize, r, save_every, "
+            "max_val_rows, micro_batch, optimizer, packing, precision, processes, quantize, r, save_every, "
             "schedule, seed, seq_len, sharding, targets, warmup_steps, weight_decay",
         ),
         (

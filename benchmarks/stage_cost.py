@@ -139,7 +139,7 @@ def measure(model: str, work: Path, a, env: dict) -> dict:
     steps = a.align_steps
     p = _params(work / "align.yaml", {"align": {
         "max_steps": steps, "micro_batch": 2, "seq_len": 256, "warmup_steps": 0,
-        "save_every": steps, "max_val_blocks": 1}})  # fmt: skip
+        "save_every": steps, "max_val_blocks": 1, "optimizer": a.align_optimizer}})  # fmt: skip
     aligned = work / "aligned"
     res = run_measured(
         _loram("align", "--params", str(p), "--pruned", str(work / "offline" / "pruned-taylor"),
@@ -151,6 +151,7 @@ def measure(model: str, work: Path, a, env: dict) -> dict:
         raise SystemExit(f"{model}: align failed (see {res['log']})")
     secs = json.loads((work / "align.json").read_text())["align_seconds"]
     row["align_seconds_per_step"] = round(secs / steps, 2)
+    row["align_optimizer"] = a.align_optimizer
     row["align_peak_gb"] = round(res["peak_rss_bytes"] / 1e9, 3)
 
     out = work / "eval.json"
@@ -230,7 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="tiny-llama,smollm2-135m")
     ap.add_argument("--dtype", default="float32", help="base.dtype for models converted here")
+    from loram.config import AlignParams
+
     ap.add_argument("--align-steps", type=int, default=4)
+    ap.add_argument(
+        "--align-optimizer",
+        choices=("auto", "fused", "foreach", "for_loop"),
+        default=AlignParams().optimizer,
+        help="align.optimizer: AdamW's implementation for the full-rank alignment steps",
+    )
     ap.add_argument("--batch", type=int, default=4, help="evaluation batch size (eval.batch_size)")
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--n-gen", type=int, default=8, help="generation requests")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -361,3 +362,28 @@ def test_stage_cost_table_subtracts_the_process_startup_from_whole_stages_only()
                 if ln.startswith("a "))  # fmt: skip
     # merge: (3 - 1) s per 50M = 4 per 100M; align s/step is inside a loop: 3 per 50M = 6
     assert "4.0000" in line and "6.0000" in line
+
+
+def test_optimizer_step_times_every_adamw_implementation():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optimizer_step.py"), "--model", "tiny-llama",
+         "--repeat", "2", "--lora-r", "4"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {ln.split()[0]: ln.split() for ln in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"fused", "foreach", "for_loop"}
+    assert rows["fused"][3] == "1.00" and all(float(r[1]) > 0 for r in rows.values())
+    # LoRA r 4 on the pruned tiny model: A (4 x in) and B (out x 4) for each of its projections
+    spec = importlib.util.spec_from_file_location(
+        "opt_step", ROOT / "benchmarks" / "optimizer_step.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = tiny_llama().config
+    shp = mod.shapes(cfg, 0.65, 4, 8)
+    assert len(shp) == 2 * 7 * cfg.num_hidden_layers
+    assert f"{sum(a * b for a, b in shp):,} parameters" in proc.stdout
+    # --ratio 0 and no LoRA: every parameter of the original model, once (tied ones too)
+    full = mod.shapes(cfg, 0.0, 0, 8)
+    assert sum(math.prod(s) for s in full) == sum(p.numel() for p in tiny_llama().parameters())

@@ -21,8 +21,6 @@ import statistics
 import sys
 import time
 
-IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
-
 
 def shapes(config, ratio: float, lora_r: int, round_to: int) -> list[tuple[int, ...]]:
     """The shapes of the tensors a step updates: the (pruned) model's parameters, or its LoRA
@@ -45,7 +43,9 @@ def shapes(config, ratio: float, lora_r: int, round_to: int) -> list[tuple[int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loram.config import PruneParams
+    from typing import get_args
+
+    from loram.config import Optimizer, PruneParams
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="as loram plan --model")
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from loram.plan import resolve_model
+    from loram.trainloop import adamw_impl
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         p.grad = torch.randn(*s, generator=g).to(device) * 1e-3
         params.append(p)
     n = sum(p.numel() for p in params)
-    opts = {k: torch.optim.AdamW(params, lr=1e-5, **kw) for k, kw in IMPLS.items()}
+    # every explicit choice of train.optimizer, with the keyword arguments training passes
+    impls = [c for c in get_args(Optimizer) if c != "auto"]
+    opts = {c: torch.optim.AdamW(params, lr=1e-5, **adamw_impl(c, device, False)) for c in impls}
     for o in opts.values():  # allocates the moments
         o.step()
     sync()

@@ -228,15 +228,17 @@ def table(rows: list[dict], startup: float = 0.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from typing import get_args
+
+    from loram.config import AlignParams, Optimizer
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="tiny-llama,smollm2-135m")
     ap.add_argument("--dtype", default="float32", help="base.dtype for models converted here")
-    from loram.config import AlignParams
-
     ap.add_argument("--align-steps", type=int, default=4)
     ap.add_argument(
         "--align-optimizer",
-        choices=("auto", "fused", "foreach", "for_loop"),
+        choices=get_args(Optimizer),
         default=AlignParams().optimizer,
         help="align.optimizer: AdamW's implementation for the full-rank alignment steps",
     )

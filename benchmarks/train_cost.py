@@ -491,6 +491,16 @@ def _child_result(label: str, code: int, stdout: str, stderr: str) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
+def _collect(label: str, proc, out, err, died: bool = False) -> dict:
+    """A lockstep child's result once it has exited (its output files read from the start).
+    ``died``: it left before its turns were over, a failure even with exit status 0."""
+    proc.wait()
+    out.seek(0)
+    err.seek(0)
+    code = proc.returncode or (1 if died else 0)
+    return _child_result(label, code, out.read(), err.read())
+
+
 def run_child(label: str, cmd: list[str], env: dict) -> dict:
     """One arm in a fresh process, alone on the machine."""
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -525,18 +535,10 @@ def run_lockstep(cmds: dict[str, list[str]], steps: int, env: dict) -> dict[str,
                 go.write("go\n")
                 go.flush()
                 if turn <= steps and done.readline() != "done\n":
-                    proc.wait()
-                    err.seek(0)
-                    out.seek(0)
-                    _child_result(label, proc.returncode or 1, out.read(), err.read())
+                    _collect(label, proc, out, err, died=True)  # raises with its stderr
                 if turn == steps + 1:
                     proc.wait()
-        results = {}
-        for label, proc, _go, _done, out, err in kids:
-            out.seek(0)
-            err.seek(0)
-            results[label] = _child_result(label, proc.returncode, out.read(), err.read())
-        return results
+        return {label: _collect(label, proc, out, err) for label, proc, _, _, out, err in kids}
     finally:
         for _, proc, go, done, out, err in kids:
             if proc.poll() is None:
@@ -716,7 +718,9 @@ def _targets(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loram.config import PruneParams, TrainParams
+    from typing import get_args
+
+    from loram.config import Optimizer, PruneParams, TrainParams
 
     d = TrainParams()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -791,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--optimizer",
-        choices=("auto", "fused", "foreach", "for_loop"),
+        choices=get_args(Optimizer),
         default=d.optimizer,
         help="train.optimizer (AdamW's implementation)",
     )

@@ -221,7 +221,7 @@ def _train(
             {"params": no_decay, "weight_decay": 0.0},
         ],
         lr=cfg.lr,
-        **adamw_impl(getattr(cfg, "optimizer", "auto"), acc.device, sharded),
+        **adamw_impl(cfg.optimizer, acc.device, sharded),
     )
     wrapped, opt = acc.prepare(model, opt)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
